@@ -1,0 +1,80 @@
+"""Cut a loaded model at a plan's boundaries into the `graphs` modules and the runtime's `ChainSpec`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from btp.graphs import PruneGraph, Recipe, StageGraph, spatial_seeds
+from btp.runtime.chain import ChainSpec, StageLayout
+
+from .plan import Plan
+
+
+def stage_layout(plan: Plan) -> list[StageLayout]:
+    """Stage graphs `[L_s, L_{s+1})` cut at the plan's layers; a prune runs before each cut (incl. layer 0)."""
+    depth, n0 = plan.model.num_layers, plan.model.image_tokens
+    by_layer = {s.layer: s for s in plan.stages}
+    cuts = sorted({0, *by_layer, depth})
+    out, alive = [], n0
+    for j, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        prune = None
+        if a in by_layer:
+            prune, alive = f"prune{j}", by_layer[a].keep
+        out.append(StageLayout(name=f"stage{j}", layers=tuple(range(a, b)), image_tokens=alive, prune=prune))
+    return out
+
+
+def recipes(plan: Plan) -> list[Recipe]:
+    """One static selection recipe per plan stage, in order."""
+    out, alive = [], plan.model.image_tokens
+    for s in plan.stages:
+        seeds = spatial_seeds(plan.model.grid[0], s.spatial, plan.spatial_metric) if s.spatial else ()
+        out.append(Recipe(alive=alive, keep=s.keep, seeds=seeds, attention=s.attention, rho=s.rho,
+                          rebalance=s.rebalance))
+        alive = s.keep
+    return out
+
+
+def build_graphs(model, plan: Plan, max_positions: int | None = None) -> tuple[dict[str, nn.Module], ChainSpec]:
+    """`model` (a `LoadedModel`) and a checked `plan` -> graph modules keyed by name, and the chain spec."""
+    fam, hf, dtype = model.family, model.hf, model.dtype
+    t = model.text_config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    layers = fam.decoder_layers(hf)
+    rotary = fam.rotary(hf, max_positions)
+    layout = stage_layout(plan)
+    recipe_of = dict(zip((s.prune for s in layout if s.prune), recipes(plan)))
+    graphs: dict[str, nn.Module] = {"vision": fam.vision(hf, dtype), "embed": fam.embed(hf, dtype)}
+    for j, st in enumerate(layout):
+        nxt = layout[j + 1] if j + 1 < len(layout) else None
+        wants_scores = nxt is not None and nxt.prune is not None and recipe_of[nxt.prune].attention > 0
+        if st.prune:
+            graphs[st.prune] = PruneGraph(st.prune, recipe_of[st.prune], t.hidden_size, dtype)
+        graphs[st.name] = StageGraph(
+            st.name, [layers[i] for i in st.layers], st.layers[0], rotary, t.num_key_value_heads, head_dim,
+            t.hidden_size, dtype, score_mode=plan.score if wants_scores else None,
+        )
+    graphs["head"] = fam.head(hf, dtype)
+    tok = model.processor.tokenizer
+    eos = hf.generation_config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    if not eos_ids and tok.eos_token_id is not None:
+        eos_ids = (tok.eos_token_id,)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    spec = ChainSpec(
+        stages=tuple(layout),
+        image_tokens=model.image_tokens,
+        grid=model.grid,
+        image_size=model.image_size,
+        image_token_id=model.image_token_id,
+        pad_token_id=int(pad),
+        eos_token_ids=tuple(int(e) for e in eos_ids),
+        hidden_size=t.hidden_size,
+        num_kv_heads=t.num_key_value_heads,
+        head_dim=head_dim,
+        dtype=str(dtype).removeprefix("torch."),
+        max_positions=int(rotary.cos.shape[0]),
+    )
+    for g in graphs.values():
+        g.eval()
+    return graphs, spec

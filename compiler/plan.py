@@ -1,0 +1,182 @@
+"""The BTP plan: a versioned, validated JSON document (ARCHITECTURE section 4).
+
+Every invalid document raises `PlanError` with one line naming the field and the broken rule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from btp.runtime.errors import PlanError
+
+from .cost import decoder_flops
+
+FORMAT = "btp-plan/1"
+
+
+class Stage(BaseModel):
+    """One boundary: `layer` is the first decoder layer that sees the reduced set of `keep` image tokens.
+
+    Picks: `spatial` grid seeds (first stage only), `attention` by score (from the top `ceil(rho*attention)`,
+    rebalanced toward the first half of the span), and `keep - spatial - attention` by diversity.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    layer: int = Field(ge=0)
+    keep: int = Field(ge=0)
+    spatial: int = Field(0, ge=0)
+    attention: int = Field(0, ge=0)
+    rho: float = Field(1.0, ge=1.0)
+    rebalance: bool = False
+    lambda_: float | None = Field(None, alias="lambda", ge=0.0, le=1.0)
+
+    @property
+    def diversity(self) -> int:
+        return self.keep - self.spatial - self.attention
+
+    @property
+    def candidates(self) -> int:
+        return max(self.attention, math.ceil(self.rho * self.attention - 1e-9))
+
+
+class ModelInfo(BaseModel):
+    """The model a plan was made for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: str
+    num_layers: int = Field(ge=1)
+    image_tokens: int = Field(ge=1)
+    grid: tuple[int, int]
+    fingerprint: str
+
+    @model_validator(mode="after")
+    def _grid_matches(self) -> ModelInfo:
+        if self.grid[0] * self.grid[1] != self.image_tokens:
+            raise ValueError(f"model.grid: {self.grid[0]}x{self.grid[1]} does not hold {self.image_tokens} image tokens")
+        return self
+
+
+class Plan(BaseModel):
+    """A BTP plan. Construct with `Plan.load`, `Plan.parse` or `resolve_plan`; save with `plan.save`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str
+    model: ModelInfo
+    score: Literal["logits", "probs"] = "logits"
+    spatial_metric: Literal["manhattan", "euclidean"] = "manhattan"
+    stages: tuple[Stage, ...] = ()
+    calibration: dict | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value != FORMAT:
+            raise ValueError(f"format: expected {FORMAT!r}, found {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _rules(self) -> Plan:
+        m = self.model
+        alive = m.image_tokens
+        for i, s in enumerate(self.stages):
+            at = f"stages[{i}]"
+            if s.layer >= m.num_layers:
+                raise ValueError(f"{at}.layer: must be below the model's {m.num_layers} layers, got {s.layer}")
+            if i and s.layer <= self.stages[i - 1].layer:
+                raise ValueError(f"{at}.layer: layers must strictly increase, got {s.layer} after "
+                                 f"{self.stages[i - 1].layer}")
+            if s.keep > alive:
+                raise ValueError(f"{at}.keep: {s.keep} is above the {alive} image tokens alive before it")
+            if i and s.keep >= alive:
+                raise ValueError(f"{at}.keep: must decrease, got {s.keep} after {alive}")
+            if s.spatial + s.attention > s.keep:
+                raise ValueError(f"{at}: spatial + attention ({s.spatial} + {s.attention}) exceeds keep ({s.keep})")
+            if s.spatial and i:
+                raise ValueError(f"{at}.spatial: spatial seeds are only allowed at the first stage")
+            if s.spatial and m.grid[0] != m.grid[1]:
+                raise ValueError(f"{at}.spatial: spatial seeds need a square grid, the model's is "
+                                 f"{m.grid[0]}x{m.grid[1]}")
+            if s.attention and s.layer == 0:
+                raise ValueError(f"{at}.attention: a stage at layer 0 has no attention scores before it; "
+                                 "only spatial/diversity picks may sit there (attention must be 0)")
+            if s.attention and s.candidates > alive - s.spatial:
+                raise ValueError(f"{at}.rho: ceil(rho * attention) = {s.candidates} candidates exceed the "
+                                 f"{alive - s.spatial} tokens left after the spatial seeds")
+            alive = s.keep
+        return self
+
+    # ------------------------------------------------------------------------------------ documents
+    @classmethod
+    def parse(cls, data: dict | str, source: str = "plan") -> Plan:
+        """Validate a JSON string or dict -> `Plan`, or `PlanError` naming the first broken field."""
+        try:
+            if isinstance(data, str):
+                data = json.loads(data)
+            return cls.model_validate(data)
+        except json.JSONDecodeError as err:
+            raise PlanError(f"{source}: not valid JSON: {err}") from err
+        except ValidationError as err:
+            raise PlanError(f"{source}: {_first_error(err)}") from err
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as err:
+            raise PlanError(f"cannot read plan {str(p)!r}: {err.strerror or err}") from err
+        return cls.parse(text, source=str(p))
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    # ------------------------------------------------------------------------------------ numbers
+    def layer_tokens(self) -> list[int]:
+        """Image tokens alive in each decoder layer, `[num_layers]`."""
+        counts, alive, stages = [], self.model.image_tokens, list(self.stages)
+        for layer in range(self.model.num_layers):
+            while stages and stages[0].layer == layer:
+                alive = stages.pop(0).keep
+            counts.append(alive)
+        return counts
+
+    def average_image_tokens(self) -> float:
+        """Layer-averaged image tokens (BTP.md: 129 for the published LLaVA-1.5-7B schedule)."""
+        counts = self.layer_tokens()
+        return sum(counts) / len(counts)
+
+    def flops(self, hidden_size: int, intermediate_size: int, text_tokens: int = 0) -> float:
+        """Prefill FLOPs of the decoder over image tokens plus `text_tokens` (BTP.md section 5)."""
+        return sum(decoder_flops(n + text_tokens, hidden_size, intermediate_size) for n in self.layer_tokens())
+
+    def check_model(self, info: ModelInfo) -> None:
+        """Raise `PlanError` when this plan was made for another model than `info`."""
+        for field in ("family", "num_layers", "image_tokens", "grid"):
+            mine, theirs = getattr(self.model, field), getattr(info, field)
+            if mine != theirs:
+                raise PlanError(f"model.{field}: the plan is for {mine!r}, the model has {theirs!r}")
+        if self.model.fingerprint != info.fingerprint:
+            raise PlanError(f"model.fingerprint: the plan was made for model {self.model.fingerprint[:12]}..., "
+                            f"this model is {info.fingerprint[:12]}...")
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[")
+    msg = e["msg"].removeprefix("Value error, ")
+    if not loc:
+        return msg
+    if msg.startswith(loc.split("[")[0]):  # our own messages already start with the field
+        return msg
+    return f"{loc}: {msg}"

@@ -1,0 +1,107 @@
+"""Preset plans (`none`, `btp`, `fastv`, `pdrop`, `divprune`) resolved against a model's depth and `N0`.
+
+`btp` scales the published LLaVA-1.5-7B schedule (BTP.md section 3); the others are peers expressed in
+the same schema so that they compile, run and benchmark the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+from btp.runtime.errors import PlanError
+
+from .plan import FORMAT, ModelInfo, Plan, Stage
+
+# The published schedule on 32 layers: (first reduced layer, keep fraction of N0, attention share of keep,
+# rho, lambda). Spatial seeds N0/4 at the first stage when the grid is square.
+_BTP_LAYERS = (3, 6, 14, 22)
+_BTP_KEEP = (1 / 2, 1 / 4, 1 / 12, 0.0)
+_BTP_ATTENTION = (0.3, 0.9, 1.0, 0.0)
+_BTP_RHO = (3.7, 1.5, 1.2, 1.0)
+_BTP_LAMBDA = (0.6, 0.8, 1.0, None)
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _layers(fractions: list[float], num_layers: int) -> list[int]:
+    """Depth fractions -> distinct first-reduced layers, each at least 1 and below `num_layers`."""
+    out: list[int] = []
+    for f in fractions:
+        layer = max(1, _round(f * num_layers), (out[-1] + 1) if out else 1)
+        if layer >= num_layers:
+            raise PlanError(f"a model with {num_layers} layers is too shallow for this preset's "
+                            f"{len(fractions)} stages")
+        out.append(layer)
+    return out
+
+
+def _plan(info: ModelInfo, stages: list[Stage], method: str) -> Plan:
+    return Plan(format=FORMAT, model=info, score="logits", stages=tuple(stages), calibration={"method": method})
+
+
+def btp(info: ModelInfo) -> Plan:
+    n0, square = info.image_tokens, info.grid[0] == info.grid[1]
+    layers = _layers([x / 32 for x in _BTP_LAYERS], info.num_layers)
+    stages = []
+    for i, layer in enumerate(layers):
+        keep = _round(_BTP_KEEP[i] * n0)
+        spatial = _round(n0 / 4) if i == 0 and square else 0
+        attention = min(math.floor(_BTP_ATTENTION[i] * keep), keep - spatial)
+        stages.append(Stage(layer=layer, keep=keep, spatial=spatial, attention=attention, rho=_BTP_RHO[i],
+                            rebalance=attention > 0, lambda_=_BTP_LAMBDA[i]))
+    return _plan(info, stages, "preset:btp")
+
+
+def _average_keep(info: ModelInfo, layer: int, target: float) -> int:
+    """Keep count for one stage at `layer` that brings the layer average to `target` image tokens."""
+    n0, depth = info.image_tokens, info.num_layers
+    return max(0, min(n0, _round((target * depth - layer * n0) / (depth - layer))))
+
+
+def fastv(info: ModelInfo) -> Plan:
+    layer = _layers([2 / 32], info.num_layers)[0]
+    keep = _average_keep(info, layer, btp(info).average_image_tokens())
+    stage = Stage(layer=layer, keep=keep, attention=keep)
+    return _plan(info, [stage], "preset:fastv")
+
+
+def pdrop(info: ModelInfo) -> Plan:
+    layers = _layers([1 / 4, 1 / 2, 3 / 4], info.num_layers)
+    keeps = [info.image_tokens // 2 ** (i + 1) for i in range(3)]
+    stages = [Stage(layer=layer, keep=k, attention=k) for layer, k in zip(layers, keeps)]
+    return _plan(info, stages, "preset:pdrop")
+
+
+def divprune(info: ModelInfo) -> Plan:
+    keep = _average_keep(info, 0, btp(info).average_image_tokens())
+    return _plan(info, [Stage(layer=0, keep=keep)], "preset:divprune")
+
+
+def none(info: ModelInfo) -> Plan:
+    return _plan(info, [], "preset:none")
+
+
+PRESETS = {"none": none, "btp": btp, "fastv": fastv, "pdrop": pdrop, "divprune": divprune}
+
+
+def model_info(model) -> ModelInfo:
+    """The plan's `model` block for a `LoadedModel`."""
+    return ModelInfo(family=model.family.name, num_layers=model.num_layers, image_tokens=model.image_tokens,
+                     grid=model.grid, fingerprint=model.fingerprint)
+
+
+def resolve_plan(spec, model) -> Plan:
+    """A `Plan`, a plan file path or a preset name -> a plan checked against `model` (a `LoadedModel`)."""
+    info = model_info(model)
+    if isinstance(spec, Plan):
+        plan = spec
+    elif isinstance(spec, str) and spec in PRESETS:
+        plan = PRESETS[spec](info)
+    elif isinstance(spec, str) and (spec.endswith(".json") or "/" in spec):
+        plan = Plan.load(spec)
+    else:
+        raise PlanError(f"unknown plan {spec!r}: expected a plan file or one of the presets {', '.join(PRESETS)}")
+    plan.check_model(info)
+    return plan

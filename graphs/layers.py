@@ -1,0 +1,153 @@
+"""Explicit, export-friendly building blocks of a Llama-style decoder that borrow Hugging Face parameters.
+
+Every block writes its forward out (gpt-fast style): no Hugging Face `Cache`, no attention implementation
+asked for probabilities. fp32 islands: RMSNorm statistics, rotary tables, softmax and scores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Finite large negative for masked logits: TensorRT and fp16 never see -inf (ARCHITECTURE section 3).
+MASK_VALUE = -1.0e9
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim with fp32 statistics; `x [..., D]` -> `[..., D]` in `x.dtype`."""
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight = weight
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class RotaryTable(nn.Module):
+    """Precomputed fp32 cos/sin tables `[max_positions, Dh]`, indexed by position ids (never rebuilt)."""
+
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int, scaling: float = 1.0):
+        super().__init__()
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq.float()[None, :]  # [P, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, Dh]
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`position_ids [B,T]` int64 -> cos, sin `[B,1,T,Dh]` in `dtype` (broadcast over heads)."""
+        return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`x [B,H,T,Dh]`, cos/sin `[B,1,T,Dh]` -> `[B,H,T,Dh]`."""
+    return x * cos + rotate_half(x) * sin
+
+
+def additive_mask(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """Causal + padding mask for `seq` new queries over `S` keys (the last `seq` of them are new).
+
+    `attention_mask [B,S]` (1 = attend, 0 = padding or removed) -> fp32 `[B,1,1,seq,S]`, 0 or MASK_VALUE.
+    """
+    total = attention_mask.shape[1]
+    key_pos = torch.arange(total, device=attention_mask.device)  # [S]
+    query_pos = torch.arange(seq, device=attention_mask.device) + (total - seq)  # [T]
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None] & (attention_mask[:, None, :] > 0)  # [B,T,S]
+    zero = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
+    neg = torch.full((), MASK_VALUE, dtype=torch.float32, device=attention_mask.device)
+    return torch.where(allowed, zero, neg)[:, None, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with explicit past/present KV, borrowing an HF attention's projections."""
+
+    def __init__(self, hf_attn: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.q_proj, self.k_proj = hf_attn.q_proj, hf_attn.k_proj
+        self.v_proj, self.o_proj = hf_attn.v_proj, hf_attn.o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.groups = num_heads // num_kv_heads
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        score_mode: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`x [B,T,D]`, mask `[B,1,1,T,S]`, past `[B,Hkv,P,Dh]` -> out `[B,T,D]`, present k/v `[B,Hkv,S,Dh]`,
+        and with `score_mode` ("logits" | "probs") the head-mean attention of the last query, fp32 `[B,S]`."""
+        b, t, _ = x.shape
+        hkv, g, dh = self.num_kv_heads, self.groups, self.head_dim
+        q = self.q_proj(x).view(b, t, self.num_heads, dh).transpose(1, 2)  # [B,H,T,Dh]
+        k = self.k_proj(x).view(b, t, hkv, dh).transpose(1, 2)  # [B,Hkv,T,Dh]
+        v = self.v_proj(x).view(b, t, hkv, dh).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        key = torch.cat((past_key, k), dim=2)  # [B,Hkv,S,Dh]
+        value = torch.cat((past_value, v), dim=2)
+        s = key.shape[2]
+
+        # Queries grouped under their KV head: one batched matmul, K is never repeated in memory.
+        qg = q.reshape(b, hkv, g * t, dh)  # [B,Hkv,G*T,Dh]
+        logits = torch.matmul(qg, key.transpose(2, 3)).view(b, hkv, g, t, s).float() * self.scale
+        probs = torch.softmax(logits + mask, dim=-1).to(x.dtype)  # [B,Hkv,G,T,S]
+        out = torch.matmul(probs.view(b, hkv, g * t, s), value)  # [B,Hkv,G*T,Dh]
+        out = out.view(b, self.num_heads, t, dh).transpose(1, 2).reshape(b, t, self.num_heads * dh)
+
+        scores = None
+        if score_mode is not None:
+            scores = self._scores(q[:, :, -1:, :], key, mask[..., -1:, :], score_mode)
+        return self.o_proj(out), key, value, scores
+
+    def _scores(self, q_last: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+        """Side computation beside the attention: last query row `[B,H,1,Dh]` -> fp32 `[B,S]`."""
+        b, hkv, g, dh = q_last.shape[0], self.num_kv_heads, self.groups, self.head_dim
+        s = key.shape[2]
+        logits = torch.matmul(q_last.reshape(b, hkv, g, dh), key.transpose(2, 3)).float() * self.scale
+        if mode == "probs":
+            logits = torch.softmax(logits + mask.view(b, 1, 1, s), dim=-1)
+        return logits.reshape(b, hkv * g, s).mean(dim=1)  # [B,S]
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP borrowing an HF MLP's projections: `[B,T,D]` -> `[B,T,D]`."""
+
+    def __init__(self, hf_mlp: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = hf_mlp.gate_proj, hf_mlp.up_proj, hf_mlp.down_proj
+        self.act = hf_mlp.act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer (Llama/Mistral/Vicuna) over an HF `LlamaDecoderLayer`-like module."""
+
+    def __init__(self, hf_layer: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.input_norm = RMSNorm(hf_layer.input_layernorm.weight, eps)
+        self.attn = Attention(hf_layer.self_attn, num_heads, num_kv_heads, head_dim)
+        self.post_norm = RMSNorm(hf_layer.post_attention_layernorm.weight, eps)
+        self.mlp = MLP(hf_layer.mlp)
+
+    def forward(self, x, cos, sin, mask, past_key, past_value, score_mode=None):
+        """`x [B,T,D]` -> `x [B,T,D]`, present k/v `[B,Hkv,S,Dh]`, scores fp32 `[B,S]` or None."""
+        h, key, value, scores = self.attn(self.input_norm(x), cos, sin, mask, past_key, past_value, score_mode)
+        x = x + h
+        x = x + self.mlp(self.post_norm(x))
+        return x, key, value, scores

@@ -1,0 +1,85 @@
+"""`PruneGraph`: the BTP selection and the sequence gathers between two decoder stages (static counts)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .selection import Recipe, select
+from .spec import BATCH, SEQ, GraphSpec, TensorSpec
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x [B,T,...]`, `index [B,T']` -> `x` gathered along dim 1, `[B,T',...]`."""
+    if x.dim() == 2:
+        return x.gather(1, index)
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[2]))
+
+
+def sequence_index(image_start: torch.Tensor, keep: torch.Tensor, seq: int, alive: int) -> torch.Tensor:
+    """Source rows of `[prefix | kept image tokens | text]`.
+
+    `image_start [B]` int64, `keep [B,k]` int64 (ascending, relative to the image span) -> `[B, seq-alive+k]`.
+    """
+    k = keep.shape[1]
+    out = torch.arange(seq - alive + k, device=keep.device)[None, :]  # [1,T']
+    rel = out - image_start[:, None]  # [B,T'] position relative to the span start
+    after = out + (alive - k)
+    if k == 0:
+        return torch.where(rel < 0, out, after)
+    inside = image_start[:, None] + keep.gather(1, rel.clamp(0, k - 1))
+    return torch.where(rel < 0, out, torch.where(rel < k, inside, after))
+
+
+class PruneGraph(nn.Module):
+    """Select `keep` of the `alive` image tokens of each row and gather the sequence to `T - alive + keep`.
+
+    Inputs: `hidden_states [B,T,D]`, `position_ids [B,T]` int64, `attention_mask [B,T]` int64,
+    `scores [B,T]` fp32 (only when the recipe has attention picks), `image_start [B]` int64.
+    Outputs: the first three gathered to `[B, T - alive + keep, ...]`, and `keep_indices [B,keep]` int64
+    (ascending positions inside the current image span). Position ids are gathered, never renumbered.
+    """
+
+    def __init__(self, name: str, recipe: Recipe, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.name, self.recipe, self.hidden_size, self.dtype = name, recipe, hidden_size, dtype
+
+    @property
+    def uses_scores(self) -> bool:
+        return self.recipe.attention > 0
+
+    def spec(self) -> GraphSpec:
+        r = self.recipe
+        out_seq = f"{SEQ} - {r.alive - r.keep}" if r.alive != r.keep else SEQ
+        inputs = [
+            TensorSpec("hidden_states", self.dtype, (BATCH, SEQ, self.hidden_size)),
+            TensorSpec("position_ids", torch.int64, (BATCH, SEQ)),
+            TensorSpec("attention_mask", torch.int64, (BATCH, SEQ)),
+        ]
+        if self.uses_scores:
+            inputs.append(TensorSpec("scores", torch.float32, (BATCH, SEQ)))
+        inputs.append(TensorSpec("image_start", torch.int64, (BATCH,)))
+        outputs = (
+            TensorSpec("hidden_states", self.dtype, (BATCH, out_seq, self.hidden_size)),
+            TensorSpec("position_ids", torch.int64, (BATCH, out_seq)),
+            TensorSpec("attention_mask", torch.int64, (BATCH, out_seq)),
+            TensorSpec("keep_indices", torch.int64, (BATCH, r.keep)),
+        )
+        return GraphSpec(self.name, tuple(inputs), outputs)
+
+    def forward(self, hidden_states, position_ids, attention_mask, *rest):
+        """See the class docstring; `rest` is `(scores, image_start)` or `(image_start,)`."""
+        scores, image_start = rest if self.uses_scores else (None, rest[0])
+        alive = self.recipe.alive
+        t = hidden_states.shape[1]
+        span = image_start[:, None] + torch.arange(alive, device=hidden_states.device)[None, :]  # [B,N]
+        image_hidden = gather_rows(hidden_states, span)  # [B,N,D]
+        image_scores = gather_rows(scores, span) if scores is not None else None  # [B,N]
+        keep = select(image_hidden, image_scores, self.recipe)  # [B,k]
+        index = sequence_index(image_start, keep, t, alive)  # [B,T']
+        return (
+            gather_rows(hidden_states, index),
+            gather_rows(position_ids, index),
+            gather_rows(attention_mask, index),
+            keep,
+        )

@@ -1,0 +1,158 @@
+"""BTP token selection in torch with static counts (BTP.md section 2), batched over rows.
+
+Every count is a plan constant, so the same code traces to a static-shape graph: TopK for the attention
+picks and the final ascending order, a fixed trip count for the greedy max-min fill.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Distances are in [0, 2]; these sit safely outside that range.
+_FAR = 4.0
+_CHOSEN = -1.0
+
+
+def spatial_seeds(grid: int, count: int, metric: str = "manhattan") -> tuple[int, ...]:
+    """Greedy farthest-point seeds on a `grid x grid` layout, starting at index 0; first index wins ties.
+
+    Returns `count` distinct row-major indices in pick order.
+    """
+    if metric not in ("manhattan", "euclidean"):
+        raise ValueError(f"metric must be 'manhattan' or 'euclidean', got {metric!r}")
+    if not 0 <= count <= grid * grid:
+        raise ValueError(f"cannot place {count} seeds on a {grid}x{grid} grid")
+    if count == 0:
+        return ()
+    idx = torch.arange(grid * grid)
+    rc = torch.stack((idx // grid, idx % grid), dim=1).double()  # [N,2]
+    diff = rc[:, None, :] - rc[None, :, :]
+    dist = diff.abs().sum(-1) if metric == "manhattan" else diff.pow(2).sum(-1).sqrt()  # [N,N]
+    picks = [0]
+    mind = dist[0].clone()
+    mind[0] = -1.0
+    for _ in range(count - 1):
+        pick = int(torch.argmax(mind))  # argmax returns the first maximal index
+        picks.append(pick)
+        mind = torch.minimum(mind, dist[pick])
+        mind[picks] = -1.0
+    return tuple(picks)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Static selection recipe of one boundary: `alive` tokens in, `keep` out.
+
+    `seeds` are spatial seed indices (first stage only), `attention` picks are taken from the top
+    `candidates = ceil(rho * attention)` by score, the rest (`keep - len(seeds) - attention`) by diversity.
+    """
+
+    alive: int
+    keep: int
+    seeds: tuple[int, ...] = ()
+    attention: int = 0
+    rho: float = 1.0
+    rebalance: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.keep <= self.alive:
+            raise ValueError(f"keep must be in [0, {self.alive}], got {self.keep}")
+        if len(self.seeds) + self.attention > self.keep:
+            raise ValueError("seeds + attention exceed keep")
+        if len(set(self.seeds)) != len(self.seeds) or any(not 0 <= s < self.alive for s in self.seeds):
+            raise ValueError("seeds must be distinct indices inside the image span")
+        if self.attention and self.candidates > self.alive - len(self.seeds):
+            raise ValueError(f"{self.candidates} attention candidates exceed the {self.alive} - seeds tokens left")
+
+    @property
+    def candidates(self) -> int:
+        # The tiny epsilon keeps ceil(3.7 * 10) at 37 despite binary floating point.
+        return max(self.attention, math.ceil(self.rho * self.attention - 1e-9))
+
+    @property
+    def diversity(self) -> int:
+        return self.keep - len(self.seeds) - self.attention
+
+
+def cosine_distance(hidden: torch.Tensor) -> torch.Tensor:
+    """`hidden [B,N,D]` -> fp32 `1 - cos(h_i, h_j)` `[B,N,N]`."""
+    h = hidden.float()
+    h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return 1.0 - torch.matmul(h, h.transpose(1, 2))
+
+
+def attention_picks(scores: torch.Tensor, chosen: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """Rebalanced top-k by score among unchosen tokens.
+
+    `scores [B,N]` fp32, `chosen [B,N]` bool -> `[B,attention]` int64 indices. Takes the top
+    `candidates` in score order, then keeps `attention` of them preferring indices `< N/2`.
+    """
+    lowest = torch.finfo(torch.float32).min
+    masked = torch.where(chosen, torch.full_like(scores, lowest), scores.float())
+    cand = torch.topk(masked, recipe.candidates, dim=1, largest=True, sorted=True).indices  # [B,C]
+    if not recipe.rebalance or recipe.candidates == recipe.attention:
+        return cand[:, : recipe.attention]
+    c = recipe.candidates
+    rank = torch.arange(c, device=scores.device, dtype=torch.float32)[None, :]  # [1,C]
+    late = (cand * 2 >= recipe.alive).float()  # second half of the current span
+    order = torch.topk(-(rank + late * c), recipe.attention, dim=1, largest=True, sorted=True).indices
+    return cand.gather(1, order)
+
+
+def farthest_point_fill(dist: torch.Tensor, chosen: torch.Tensor, picks: int, seeded: bool) -> torch.Tensor:
+    """Greedy max-min fill: add `picks` tokens to `chosen`, each maximising its distance to the chosen set.
+
+    `dist [B,N,N]` fp32 symmetric, `chosen [B,N]` bool -> `chosen [B,N]` bool. O(N) per pick through the
+    running minimum `mind[j] = min over chosen c of dist[c, j]`. With `seeded=False` (nothing chosen yet)
+    the first pick is the token whose nearest neighbour is farthest. Ties go to the first index.
+    """
+    b, n, _ = dist.shape
+    ar = torch.arange(n, device=dist.device)
+    if picks <= 0:
+        return chosen
+    if not seeded:
+        eye = (ar[:, None] == ar[None, :])[None]  # [1,N,N]
+        nearest = torch.where(eye, torch.full_like(dist, _FAR), dist).amin(dim=2)  # [B,N]
+        chosen = chosen | (ar[None, :] == torch.argmax(nearest, dim=1)[:, None])
+        picks -= 1
+    mind = torch.where(chosen[:, :, None], dist, torch.full_like(dist, _FAR)).amin(dim=1)  # [B,N]
+    for _ in range(picks):
+        pick = torch.argmax(torch.where(chosen, torch.full_like(mind, _CHOSEN), mind), dim=1)  # [B]
+        chosen = chosen | (ar[None, :] == pick[:, None])
+        row = dist.gather(1, pick[:, None, None].expand(b, 1, n)).squeeze(1)  # [B,N]
+        mind = torch.minimum(mind, row)
+    return chosen
+
+
+def ascending_indices(chosen: torch.Tensor, k: int) -> torch.Tensor:
+    """`chosen [B,N]` bool with exactly `k` set per row -> their indices ascending, `[B,k]` int64."""
+    n = chosen.shape[1]
+    rank = (n - torch.arange(n, device=chosen.device)).float()  # earlier index, larger key
+    key = torch.where(chosen, rank[None, :], torch.zeros_like(rank)[None, :])
+    return torch.topk(key, k, dim=1, largest=True, sorted=True).indices
+
+
+def select(hidden: torch.Tensor, scores: torch.Tensor | None, recipe: Recipe) -> torch.Tensor:
+    """BTP selection at one boundary: `hidden [B,N,D]`, `scores [B,N]` fp32 (None when
+    `recipe.attention == 0`) -> kept indices `[B,keep]` int64, ascending, unique, inside `[0,N)`."""
+    b, n = hidden.shape[0], hidden.shape[1]
+    if n != recipe.alive:
+        raise ValueError(f"expected {recipe.alive} image tokens, got {n}")
+    if recipe.keep == 0:
+        return torch.zeros((b, 0), dtype=torch.int64, device=hidden.device)
+    seed_mask = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+    if recipe.seeds:
+        seed_mask[list(recipe.seeds)] = True
+    chosen = seed_mask[None, :].expand(b, n)
+    if recipe.attention:
+        if scores is None:
+            raise ValueError("this recipe has attention picks and needs scores")
+        picks = attention_picks(scores, chosen, recipe)
+        chosen = chosen | (torch.arange(n, device=hidden.device)[None, None, :] == picks[:, :, None]).any(1)
+    if recipe.diversity:
+        seeded = bool(recipe.seeds) or recipe.attention > 0
+        chosen = farthest_point_fill(cosine_distance(hidden), chosen, recipe.diversity, seeded)
+    return ascending_indices(chosen, recipe.keep)

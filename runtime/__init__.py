@@ -1,0 +1,21 @@
+"""Runs a chain of compiled graphs: backends, the engine chain, per-stage KV caches and generation.
+
+Imports no other `btp` package: an app that only runs engines needs neither tracing nor model code.
+"""
+
+from .chain import ChainSpec, Engine, StageLayout
+from .errors import ArtifactError, BtpError, InputError, ModelError, PlanError
+from .pipeline import GenerateOutput, Pipeline
+
+__all__ = [
+    "ArtifactError",
+    "BtpError",
+    "ChainSpec",
+    "Engine",
+    "GenerateOutput",
+    "InputError",
+    "ModelError",
+    "Pipeline",
+    "PlanError",
+    "StageLayout",
+]

@@ -1,0 +1,69 @@
+"""The static layout of an engine chain: which graphs run, in what order, with what shapes.
+
+`compiler` writes it from a model and a plan; the manifest stores it; `Pipeline` reads only this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class Engine(Protocol):
+    """One graph behind a name-keyed interface: what every backend (torch, ONNX Runtime, TensorRT) offers."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """One decoder stage: its graph name, global layer ids, the prune graph that runs before it (if any)
+    and the number of image tokens alive inside it."""
+
+    name: str
+    layers: tuple[int, ...]
+    image_tokens: int
+    prune: str | None = None
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """Everything the runtime needs to chain the graphs of one artifact."""
+
+    stages: tuple[StageLayout, ...]
+    image_tokens: int
+    grid: tuple[int, int]
+    image_size: int
+    image_token_id: int
+    pad_token_id: int
+    eos_token_ids: tuple[int, ...]
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+    max_positions: int = 4096
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def prunes(self) -> list[StageLayout]:
+        return [s for s in self.stages if s.prune is not None]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ChainSpec:
+        d = dict(data)
+        d["stages"] = tuple(StageLayout(**{**s, "layers": tuple(s["layers"])}) for s in d["stages"])
+        d["grid"] = tuple(d["grid"])
+        d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        return cls(**d)

@@ -1,0 +1,21 @@
+"""The typed error hierarchy shared by every package; CLIs print one line and exit with code 2."""
+
+
+class BtpError(Exception):
+    """Base of every error the tool raises for bad input; the message says what was expected and found."""
+
+
+class PlanError(BtpError):
+    """A plan document is invalid or does not fit the model."""
+
+
+class ModelError(BtpError):
+    """A model cannot be loaded or is not a supported LLaVA-style checkpoint."""
+
+
+class ArtifactError(BtpError):
+    """An artifact directory is missing, incomplete, tampered with or of an unknown format."""
+
+
+class InputError(BtpError):
+    """An image or prompt the model cannot take."""

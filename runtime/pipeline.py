@@ -1,0 +1,275 @@
+"""`Pipeline`: the backend-independent engine chain of ARCHITECTURE section 6.
+
+Prefill: vision -> embed -> stage0 -> prune1 -> stage1 -> ... -> head. Decode: embed -> every stage with its
+own KV cache -> head, one token at a time, positions continuing from the unpruned prompt length.
+Engines only need `run(feeds) -> outputs`; all per-call state lives in local variables, so one Pipeline
+can serve concurrent `generate` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .chain import ChainSpec, Engine, StageLayout
+from .errors import InputError
+from .sampling import check_sampling, next_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateOutput:
+    """What `generate` returns. `kept_indices[row][p]` are the image-grid positions (0..N0-1, ascending)
+    kept at the p-th prune stage; `logits` (when asked for) holds one fp32 `[B,V]` tensor per step."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    prompt_ids: list[list[int]]
+    kept_indices: list[list[list[int]]]
+    timings: dict[str, float]
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _StageState:
+    """One stage's decode state: its layers' KV and its attention mask, preallocated for all new tokens."""
+
+    layout: StageLayout
+    cache: dict[str, torch.Tensor]
+    mask: torch.Tensor  # [B, T_s + max_new] int64
+    length: int  # valid columns of `mask`
+
+
+@dataclass
+class _Inputs:
+    input_ids: torch.Tensor  # [B,T] int64, left padded
+    attention_mask: torch.Tensor  # [B,T] int64
+    pixel_values: torch.Tensor  # [B,3,H,W]
+    image_start: torch.Tensor  # [B] int64
+
+
+class Pipeline:
+    """Chains `engines` (keyed by graph name: vision, embed, stage*, prune*, head) per `spec`.
+
+    `processor` is a LLaVA-style processor: callable on `images=`, `text=`, with a `tokenizer` and
+    (optionally) `apply_chat_template`.
+    """
+
+    def __init__(self, engines: Mapping[str, Engine], spec: ChainSpec, processor, device: str | torch.device = "cpu"):
+        needed = ["vision", "embed", "head"] + [s.name for s in spec.stages] + [p.prune for p in spec.prunes]
+        missing = [n for n in needed if n not in engines]
+        if missing:
+            raise ValueError(f"engines missing for graphs {missing}")
+        self.engines = dict(engines)
+        self.spec = spec
+        self.processor = processor
+        self.device = torch.device(device)
+        self.image_token = processor.tokenizer.convert_ids_to_tokens(spec.image_token_id)
+
+    # ----------------------------------------------------------------------------------------- inputs
+    def prompt_text(self, prompt: str) -> str:
+        """The full prompt for one image: the chat template around `prompt`, unless it already holds the
+        image token (then it is used as written)."""
+        if self.image_token in prompt:
+            return prompt
+        template = getattr(self.processor, "chat_template", None)
+        if not template:
+            return f"{self.image_token}\n{prompt}"
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def prepare(self, images: Sequence, prompts: Sequence[str]) -> _Inputs:
+        """Tokenize and preprocess one image per prompt; raise `InputError` on what the model cannot take."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) != len(prompts) or not prompts:
+            raise InputError(f"expected one image per prompt, got {len(images)} images and {len(prompts)} prompts")
+        texts = []
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise InputError(f"prompt {i}: expected a string, got {type(p).__name__}")
+            text = self.prompt_text(p)
+            if text.count(self.image_token) != 1:
+                raise InputError(
+                    f"prompt {i}: expected exactly one {self.image_token} placeholder, found {text.count(self.image_token)}"
+                )
+            texts.append(text)
+        try:
+            enc = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
+        except (ValueError, TypeError, OSError) as err:
+            raise InputError(f"cannot preprocess the images: {err}") from err
+        ids = enc["input_ids"].to(torch.int64)
+        mask = enc["attention_mask"].to(torch.int64)
+        if ids.shape[0] > 1 and bool((mask[:, -1] == 0).any()):
+            raise InputError("the tokenizer pads on the right; the pipeline needs left padding")
+        is_image = ids == self.spec.image_token_id
+        counts = is_image.sum(1)
+        n0 = self.spec.image_tokens
+        if bool((counts != n0).any()):
+            raise InputError(f"expected {n0} image tokens per prompt, found {counts.tolist()}")
+        start = torch.argmax(is_image.to(torch.int64), dim=1)
+        span = start[:, None] + torch.arange(n0)[None, :]
+        if not bool(is_image.gather(1, span.clamp(max=ids.shape[1] - 1)).all()):
+            raise InputError("the image tokens of a prompt must form one contiguous span")
+        pixels = enc["pixel_values"]
+        want = (len(texts), 3, self.spec.image_size, self.spec.image_size)
+        if tuple(pixels.shape) != want:
+            raise InputError(f"expected pixel_values of shape {want}, got {tuple(pixels.shape)}")
+        dev = self.device
+        return _Inputs(ids.to(dev), mask.to(dev), pixels.to(dev, self.spec.torch_dtype), start.to(dev))
+
+    # ----------------------------------------------------------------------------------------- running
+    def _run(self, name: str, feeds: dict[str, torch.Tensor], times: dict[str, float] | None) -> dict:
+        engine = self.engines[name]
+        t0 = time.perf_counter()
+        out = engine.run({k: feeds[k] for k in engine.input_names})
+        if times is not None:
+            times[name] += (time.perf_counter() - t0) * 1e3
+        return out
+
+    def _empty_past(self, layers: Sequence[int], batch: int) -> dict[str, torch.Tensor]:
+        shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
+        empty = torch.zeros(shape, dtype=self.spec.torch_dtype, device=self.device)
+        return {f"past_key_values.{i}.{kind}": empty for i in layers for kind in ("key", "value")}
+
+    def _prefill(self, inp: _Inputs, max_new: int, times: dict[str, float]):
+        """Run the prefill chain -> (logits [B,V], per-stage states, kept grid indices per prune)."""
+        spec, b = self.spec, inp.input_ids.shape[0]
+        feats = self._run("vision", {"pixel_values": inp.pixel_values}, times)["image_features"]
+        h = self._run("embed", {"input_ids": inp.input_ids, "image_features": feats}, times)["inputs_embeds"]
+        mask = inp.attention_mask
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)  # pads get 0, as Hugging Face does
+        grid = torch.arange(spec.image_tokens, device=self.device)[None].expand(b, -1)  # [B,N] grid ids
+        kept, states, scores = [], [], None
+        for layout in spec.stages:
+            if layout.prune is not None:
+                feeds = {"hidden_states": h, "position_ids": pos, "attention_mask": mask,
+                         "scores": scores, "image_start": inp.image_start}
+                out = self._run(layout.prune, feeds, times)
+                h, pos, mask = out["hidden_states"], out["position_ids"], out["attention_mask"]
+                grid = grid.gather(1, out["keep_indices"])
+                kept.append(grid)
+            feeds = {"inputs_embeds": h, "position_ids": pos, "attention_mask": mask,
+                     **self._empty_past(layout.layers, b)}
+            out = self._run(layout.name, feeds, times)
+            h, scores = out["hidden_states"], out.get("scores")
+            cache = {k.replace("present.", "past_key_values.", 1): v for k, v in out.items() if k.startswith("present.")}
+            stage_mask = torch.ones((b, mask.shape[1] + max_new), dtype=torch.int64, device=self.device)
+            stage_mask[:, : mask.shape[1]] = mask
+            states.append(_StageState(layout, cache, stage_mask, mask.shape[1]))
+        logits = self._run("head", {"hidden_states": h}, times)["logits"]
+        return logits, states, kept, pos[:, -1]
+
+    def _decode_step(self, token: torch.Tensor, position: torch.Tensor, states: list[_StageState],
+                     no_image: torch.Tensor) -> torch.Tensor:
+        """One token for every row: `token [B]`, `position [B]` -> logits `[B,V]`; caches grow by one."""
+        h = self._run("embed", {"input_ids": token[:, None], "image_features": no_image}, None)["inputs_embeds"]
+        pos = position[:, None]
+        for st in states:
+            st.length += 1
+            feeds = {"inputs_embeds": h, "position_ids": pos, "attention_mask": st.mask[:, : st.length], **st.cache}
+            out = self._run(st.layout.name, feeds, None)
+            h = out["hidden_states"]
+            for k in st.cache:
+                st.cache[k] = out[k.replace("past_key_values.", "present.", 1)]
+        return self._run("head", {"hidden_states": h}, None)["logits"]
+
+    def _tokens(
+        self, inp: _Inputs, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, seed: int,
+        times: dict[str, float], logits_out: list | None, kept_out: list,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row `[B]` (pad for rows already finished)."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_sampling(temperature, top_p)
+        gen = torch.Generator(device=self.device).manual_seed(seed) if do_sample else None
+        spec = self.spec
+        eos = torch.tensor(spec.eos_token_ids or [-1], device=self.device)
+        t0 = time.perf_counter()
+        logits, states, kept, last_pos = self._prefill(inp, max_new_tokens, times)
+        kept_out.extend(kept)
+        b = logits.shape[0]
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        no_image = torch.zeros((b, 0, spec.hidden_size), dtype=spec.torch_dtype, device=self.device)
+        position = last_pos
+        for step in range(max_new_tokens):
+            if logits_out is not None:
+                logits_out.append(logits)
+            token = next_tokens(logits, do_sample, temperature, top_p, gen)
+            token = torch.where(done, torch.full_like(token, spec.pad_token_id), token)
+            if step == 0:
+                times["ttft"] = (time.perf_counter() - t0) * 1e3
+                t_decode = time.perf_counter()
+            yield token
+            done = done | torch.isin(token, eos)
+            if step + 1 == max_new_tokens or bool(done.all()):
+                break
+            position = position + 1
+            logits = self._decode_step(token, position, states, no_image)
+        steps = step  # decode steps actually run after the first token
+        elapsed = time.perf_counter() - t_decode
+        times["decode_tokens_per_s"] = steps * b / elapsed if steps and elapsed > 0 else 0.0
+
+    def generate(
+        self,
+        images: Sequence,
+        prompts: Sequence[str],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        output_logits: bool = False,
+    ) -> GenerateOutput:
+        """Answer one prompt per image. Greedy by default; `do_sample` draws with `temperature`/`top_p`
+        from a generator seeded with `seed`. Rows stop at EOS (the EOS id is kept in `token_ids`)."""
+        inp = self.prepare(images, prompts)
+        times: dict[str, float] = defaultdict(float)
+        logits: list[torch.Tensor] | None = [] if output_logits else None
+        kept: list[torch.Tensor] = []
+        b = inp.input_ids.shape[0]
+        rows: list[list[int]] = [[] for _ in range(b)]
+        finished = [False] * b
+        eos = set(self.spec.eos_token_ids)
+        for token in self._tokens(inp, max_new_tokens, do_sample, temperature, top_p, seed, times, logits, kept):
+            for r, t in enumerate(token.tolist()):
+                if not finished[r]:
+                    rows[r].append(t)
+                    finished[r] = t in eos
+        tok = self.processor.tokenizer
+        prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(inp.input_ids, inp.attention_mask)]
+        kept_rows = [[k[r].tolist() for k in kept] for r in range(b)]
+        return GenerateOutput(
+            texts=[tok.decode(r, skip_special_tokens=True) for r in rows],
+            token_ids=rows,
+            prompt_ids=prompt_ids,
+            kept_indices=kept_rows,
+            timings=dict(times),
+            logits=logits or [],
+        )
+
+    def stream(self, image, prompt: str, max_new_tokens: int = 32, **kwargs) -> Iterator[str]:
+        """Yield the answer to one prompt piece by piece as tokens arrive."""
+        inp = self.prepare([image], [prompt])
+        tok = self.processor.tokenizer
+        ids: list[int] = []
+        shown = ""
+        times: dict[str, float] = defaultdict(float)
+        for token in self._tokens(inp, max_new_tokens, kwargs.get("do_sample", False), kwargs.get("temperature", 1.0),
+                                  kwargs.get("top_p", 1.0), kwargs.get("seed", 0), times, None, []):
+            t = int(token[0])
+            ids.append(t)
+            text = tok.decode(ids, skip_special_tokens=True)
+            if len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+            if t in self.spec.eos_token_ids:
+                break

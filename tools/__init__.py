@@ -1,0 +1,1 @@
+"""Accuracy checks, benchmarks, demo and sample data."""
