@@ -26,13 +26,13 @@ class Stage(BaseModel):
     rebalanced toward the first half of the span), and `keep - spatial - attention` by diversity.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     layer: int = Field(ge=0)
     keep: int = Field(ge=0)
     spatial: int = Field(0, ge=0)
     attention: int = Field(0, ge=0)
-    rho: float = Field(1.0, ge=1.0)
+    rho: float = Field(1.0, ge=1.0, allow_inf_nan=False)
     rebalance: bool = False
     lambda_: float | None = Field(None, alias="lambda", ge=0.0, le=1.0)
 
@@ -59,7 +59,8 @@ class ModelInfo(BaseModel):
     @model_validator(mode="after")
     def _grid_matches(self) -> ModelInfo:
         if self.grid[0] * self.grid[1] != self.image_tokens:
-            raise ValueError(f"model.grid: {self.grid[0]}x{self.grid[1]} does not hold {self.image_tokens} image tokens")
+            rows, cols = self.grid
+            raise ValueError(f"model.grid: {rows}x{cols} does not hold {self.image_tokens} image tokens")
         return self
 
 
@@ -133,6 +134,8 @@ class Plan(BaseModel):
             text = p.read_text()
         except OSError as err:
             raise PlanError(f"cannot read plan {str(p)!r}: {err.strerror or err}") from err
+        except UnicodeDecodeError as err:
+            raise PlanError(f"{p}: not a UTF-8 JSON text ({err.reason} at byte {err.start})") from err
         return cls.parse(text, source=str(p))
 
     def to_json(self) -> str:
@@ -167,8 +170,8 @@ class Plan(BaseModel):
             if mine != theirs:
                 raise PlanError(f"model.{field}: the plan is for {mine!r}, the model has {theirs!r}")
         if self.model.fingerprint != info.fingerprint:
-            raise PlanError(f"model.fingerprint: the plan was made for model {self.model.fingerprint[:12]}..., "
-                            f"this model is {info.fingerprint[:12]}...")
+            raise PlanError(f"model.fingerprint: the plan was made for model {self.model.fingerprint}, "
+                            f"this model is {info.fingerprint}")
 
 
 def _first_error(err: ValidationError) -> str:

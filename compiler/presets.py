@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 
+from pydantic import ValidationError
+
 from btp.runtime.errors import PlanError
 
-from .plan import FORMAT, ModelInfo, Plan, Stage
+from .plan import FORMAT, ModelInfo, Plan, Stage, _first_error
 
 # The published schedule on 32 layers: (first reduced layer, keep fraction of N0, attention share of keep,
 # rho, lambda). Spatial seeds N0/4 at the first stage when the grid is square.
@@ -37,8 +39,25 @@ def _layers(fractions: list[float], num_layers: int) -> list[int]:
     return out
 
 
-def _plan(info: ModelInfo, stages: list[Stage], method: str) -> Plan:
-    return Plan(format=FORMAT, model=info, score="logits", stages=tuple(stages), calibration={"method": method})
+# Layer-averaged share of image tokens in the published schedule (129 of 576).
+_BTP_AVERAGE_SHARE = 129 / 576
+
+
+def _plan(info: ModelInfo, stages: list[dict], method: str) -> Plan:
+    try:
+        return Plan(format=FORMAT, model=info, score="logits", stages=tuple(Stage(**s) for s in stages),
+                    calibration={"method": method})
+    except ValidationError as err:
+        raise PlanError(f"preset {method.removeprefix('preset:')!r} does not fit a model with {info.num_layers} "
+                        f"layers and {info.image_tokens} image tokens: {_first_error(err)}") from err
+
+
+def _btp_average(info: ModelInfo) -> float:
+    """`btp`'s layer-averaged image tokens on this model, or the published share where `btp` does not fit."""
+    try:
+        return btp(info).average_image_tokens()
+    except PlanError:
+        return _BTP_AVERAGE_SHARE * info.image_tokens
 
 
 def btp(info: ModelInfo) -> Plan:
@@ -49,8 +68,8 @@ def btp(info: ModelInfo) -> Plan:
         keep = _round(_BTP_KEEP[i] * n0)
         spatial = _round(n0 / 4) if i == 0 and square else 0
         attention = min(math.floor(_BTP_ATTENTION[i] * keep), keep - spatial)
-        stages.append(Stage(layer=layer, keep=keep, spatial=spatial, attention=attention, rho=_BTP_RHO[i],
-                            rebalance=attention > 0, lambda_=_BTP_LAMBDA[i]))
+        stages.append({"layer": layer, "keep": keep, "spatial": spatial, "attention": attention,
+                       "rho": _BTP_RHO[i], "rebalance": attention > 0, "lambda": _BTP_LAMBDA[i]})
     return _plan(info, stages, "preset:btp")
 
 
@@ -62,21 +81,20 @@ def _average_keep(info: ModelInfo, layer: int, target: float) -> int:
 
 def fastv(info: ModelInfo) -> Plan:
     layer = _layers([2 / 32], info.num_layers)[0]
-    keep = _average_keep(info, layer, btp(info).average_image_tokens())
-    stage = Stage(layer=layer, keep=keep, attention=keep)
-    return _plan(info, [stage], "preset:fastv")
+    keep = _average_keep(info, layer, _btp_average(info))
+    return _plan(info, [{"layer": layer, "keep": keep, "attention": keep}], "preset:fastv")
 
 
 def pdrop(info: ModelInfo) -> Plan:
     layers = _layers([1 / 4, 1 / 2, 3 / 4], info.num_layers)
     keeps = [info.image_tokens // 2 ** (i + 1) for i in range(3)]
-    stages = [Stage(layer=layer, keep=k, attention=k) for layer, k in zip(layers, keeps)]
+    stages = [{"layer": layer, "keep": k, "attention": k} for layer, k in zip(layers, keeps)]
     return _plan(info, stages, "preset:pdrop")
 
 
 def divprune(info: ModelInfo) -> Plan:
-    keep = _average_keep(info, 0, btp(info).average_image_tokens())
-    return _plan(info, [Stage(layer=0, keep=keep)], "preset:divprune")
+    keep = _average_keep(info, 0, _btp_average(info))
+    return _plan(info, [{"layer": 0, "keep": keep}], "preset:divprune")
 
 
 def none(info: ModelInfo) -> Plan:

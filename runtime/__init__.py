@@ -5,7 +5,7 @@ Imports no other `btp` package: an app that only runs engines needs neither trac
 
 from .chain import ChainSpec, Engine, StageLayout
 from .errors import ArtifactError, BtpError, InputError, ModelError, PlanError
-from .pipeline import GenerateOutput, Pipeline
+from .pipeline import GenerateOutput, Pipeline, Prefill
 
 __all__ = [
     "ArtifactError",
@@ -16,6 +16,7 @@ __all__ = [
     "InputError",
     "ModelError",
     "Pipeline",
+    "Prefill",
     "PlanError",
     "StageLayout",
 ]

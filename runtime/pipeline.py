@@ -47,6 +47,17 @@ class _StageState:
 
 
 @dataclass
+class Prefill:
+    """The state right after prefill: first-step `logits [B,V]`, per-stage KV caches keyed by stage name
+    (`past_key_values.{i}.key/value [B,Hkv,T_s,Dh]`) and kept grid indices `[B,k]` per prune stage."""
+
+    logits: torch.Tensor
+    caches: dict[str, dict[str, torch.Tensor]]
+    kept: list[torch.Tensor]
+    timings: dict[str, float]
+
+
+@dataclass
 class _Inputs:
     input_ids: torch.Tensor  # [B,T] int64, left padded
     attention_mask: torch.Tensor  # [B,T] int64
@@ -97,10 +108,9 @@ class Pipeline:
             if not isinstance(p, str):
                 raise InputError(f"prompt {i}: expected a string, got {type(p).__name__}")
             text = self.prompt_text(p)
-            if text.count(self.image_token) != 1:
-                raise InputError(
-                    f"prompt {i}: expected exactly one {self.image_token} placeholder, found {text.count(self.image_token)}"
-                )
+            found = text.count(self.image_token)
+            if found != 1:
+                raise InputError(f"prompt {i}: expected exactly one {self.image_token} placeholder, found {found}")
             texts.append(text)
         try:
             enc = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
@@ -161,12 +171,19 @@ class Pipeline:
                      **self._empty_past(layout.layers, b)}
             out = self._run(layout.name, feeds, times)
             h, scores = out["hidden_states"], out.get("scores")
-            cache = {k.replace("present.", "past_key_values.", 1): v for k, v in out.items() if k.startswith("present.")}
+            cache = {k.replace("present.", "past_key_values.", 1): v
+                     for k, v in out.items() if k.startswith("present.")}
             stage_mask = torch.ones((b, mask.shape[1] + max_new), dtype=torch.int64, device=self.device)
             stage_mask[:, : mask.shape[1]] = mask
             states.append(_StageState(layout, cache, stage_mask, mask.shape[1]))
         logits = self._run("head", {"hidden_states": h}, times)["logits"]
         return logits, states, kept, pos[:, -1]
+
+    def prefill(self, images: Sequence, prompts: Sequence[str]) -> Prefill:
+        """Run only the prefill chain (for inspection and checks)."""
+        times: dict[str, float] = defaultdict(float)
+        logits, states, kept, _ = self._prefill(self.prepare(images, prompts), 0, times)
+        return Prefill(logits, {st.layout.name: st.cache for st in states}, kept, dict(times))
 
     def _decode_step(self, token: torch.Tensor, position: torch.Tensor, states: list[_StageState],
                      no_image: torch.Tensor) -> torch.Tensor:
@@ -206,7 +223,7 @@ class Pipeline:
             token = next_tokens(logits, do_sample, temperature, top_p, gen)
             token = torch.where(done, torch.full_like(token, spec.pad_token_id), token)
             if step == 0:
-                times["ttft"] = (time.perf_counter() - t0) * 1e3
+                times["ttft_ms"] = (time.perf_counter() - t0) * 1e3
                 t_decode = time.perf_counter()
             yield token
             done = done | torch.isin(token, eos)

@@ -1,0 +1,170 @@
+"""Properties of the static BTP selection (BTP.md section 2)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from btp.graphs import PruneGraph, Recipe, select, spatial_seeds
+from btp.graphs.selection import cosine_distance, farthest_point_fill
+
+
+@st.composite
+def cases(draw):
+    """A random recipe and inputs: B rows of N image tokens with D features and scores."""
+    n = draw(st.integers(2, 40))
+    keep = draw(st.integers(0, n))
+    grid = math.isqrt(n)
+    square = grid * grid == n
+    seeds_n = draw(st.integers(0, keep)) if square else 0
+    attention = draw(st.integers(0, min(keep - seeds_n, n - seeds_n)))
+    left = n - seeds_n
+    rho = draw(st.floats(1.0, max(1.0, left / attention) if attention else 1.0))
+    recipe = Recipe(alive=n, keep=keep, seeds=spatial_seeds(grid, seeds_n) if seeds_n else (),
+                    attention=attention, rho=rho, rebalance=draw(st.booleans()))
+    b = draw(st.integers(1, 3))
+    d = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, n, d, generator=g)
+    scores = torch.randn(b, n, generator=g)
+    return recipe, hidden, scores
+
+
+def slow_farthest_point(dist, chosen, picks):
+    """The obvious greedy max-min: recompute every candidate's distance to the chosen set each pick."""
+    n = len(dist)
+    chosen = list(chosen)
+    if not chosen and picks:
+        nearest = [min(dist[j][i] for i in range(n) if i != j) if n > 1 else 4.0 for j in range(n)]
+        chosen.append(max(range(n), key=lambda j: (nearest[j], -j)))
+        picks -= 1
+    for _ in range(picks):
+        best, best_d = None, None
+        for j in range(n):
+            if j in chosen:
+                continue
+            dj = min(dist[c][j] for c in chosen)
+            if best_d is None or dj > best_d:
+                best, best_d = j, dj
+        chosen.append(best)
+    return sorted(chosen)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases())
+def test_exactly_k_unique_ascending_and_seeds_kept(case):
+    recipe, hidden, scores = case
+    keep = select(hidden, scores, recipe)
+    assert keep.shape == (hidden.shape[0], recipe.keep)
+    for row in keep.tolist():
+        assert row == sorted(set(row)), "indices must be unique and ascending"
+        assert all(0 <= i < recipe.alive for i in row)
+        assert set(recipe.seeds) <= set(row)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases())
+def test_attention_picks_are_the_rebalanced_top_ones(case):
+    recipe, hidden, scores = case
+    if not recipe.attention:
+        return
+    keep = select(hidden, scores, recipe)
+    for r in range(hidden.shape[0]):
+        s = scores[r].tolist()
+        free = [i for i in range(recipe.alive) if i not in recipe.seeds]
+        cands = sorted(free, key=lambda i: -s[i])[: recipe.candidates]
+        if recipe.rebalance:
+            cands = [i for i in cands if 2 * i < recipe.alive] + [i for i in cands if 2 * i >= recipe.alive]
+        expected = set(cands[: recipe.attention])
+        assert expected <= set(keep[r].tolist())
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases())
+def test_diversity_only_equals_slow_farthest_point(case):
+    _, hidden, _ = case
+    n = hidden.shape[1]
+    k = max(1, n // 3)
+    recipe = Recipe(alive=n, keep=k)
+    keep = select(hidden, None, recipe)
+    dist = cosine_distance(hidden)
+    for r in range(hidden.shape[0]):
+        assert keep[r].tolist() == slow_farthest_point(dist[r].tolist(), [], k)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cases())
+def test_seeded_fill_equals_slow_farthest_point(case):
+    recipe, hidden, scores = case
+    if not recipe.diversity or not (recipe.seeds or recipe.attention):
+        return
+    keep = select(hidden, scores, recipe)
+    dist = cosine_distance(hidden)
+    without = Recipe(alive=recipe.alive, keep=recipe.keep - recipe.diversity, seeds=recipe.seeds,
+                     attention=recipe.attention, rho=recipe.rho, rebalance=recipe.rebalance)
+    base = select(hidden, scores, without)
+    for r in range(hidden.shape[0]):
+        assert keep[r].tolist() == slow_farthest_point(dist[r].tolist(), base[r].tolist(), recipe.diversity)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_rows_are_independent(case):
+    recipe, hidden, scores = case
+    together = select(hidden, scores, recipe)
+    for r in range(hidden.shape[0]):
+        alone = select(hidden[r : r + 1], scores[r : r + 1], recipe)
+        assert torch.equal(alone[0], together[r])
+
+
+def test_cosine_distance_matches_definition():
+    h = torch.randn(2, 7, 5, dtype=torch.float64)
+    ref = 1 - torch.nn.functional.cosine_similarity(h[:, :, None, :], h[:, None, :, :], dim=-1)
+    assert torch.allclose(cosine_distance(h).double(), ref, atol=1e-6)
+
+
+def test_unseeded_first_pick_is_the_most_isolated_token():
+    # Tokens 0-2 point the same way, token 3 stands alone: it is picked first.
+    h = torch.tensor([[[1.0, 0.0], [1.0, 0.01], [1.0, -0.01], [0.0, 1.0]]])
+    chosen = farthest_point_fill(cosine_distance(h), torch.zeros(1, 4, dtype=torch.bool), 1, seeded=False)
+    assert chosen[0].tolist() == [False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("metric", "expected"),
+    # After 0 and 15, index 3 wins a tie with 12; under Manhattan the last pick then ties at 3 between 9 and
+    # 12 and the first index (9) wins, under Euclidean 12 is strictly farther (why the appendix prefers it).
+    [("manhattan", (0, 15, 3, 9)), ("euclidean", (0, 15, 3, 12))],
+)
+def test_spatial_seeds_spread_over_the_grid(metric, expected):
+    assert spatial_seeds(4, 4, metric) == expected
+    assert len(set(spatial_seeds(24, 144, metric))) == 144
+
+
+def test_spatial_seeds_first_index_wins_ties():
+    # From 0 on a 3x3 grid, Manhattan: index 8 (2,2) is farthest; then 2 (0,2) and 6 (2,0) tie at 2: 2 wins.
+    assert spatial_seeds(3, 3, "manhattan") == (0, 8, 2)
+
+
+def test_prune_graph_gathers_prefix_kept_and_text_per_row():
+    n, keep, d = 8, 3, 4
+    recipe = Recipe(alive=n, keep=keep, attention=keep)
+    graph = PruneGraph("prune1", recipe, d, torch.float32)
+    t = 14
+    starts = torch.tensor([2, 4])
+    hidden = torch.arange(2 * t * d, dtype=torch.float32).view(2, t, d)
+    pos = torch.arange(t)[None].repeat(2, 1)
+    mask = torch.ones(2, t, dtype=torch.int64)
+    scores = torch.zeros(2, t)
+    scores[0, 2 + torch.tensor([1, 5, 6])] = 1.0  # row 0 keeps span indices 1, 5, 6
+    scores[1, 4 + torch.tensor([0, 2, 7])] = 1.0
+    h, p, m, k = graph(hidden, pos, mask, scores, starts)
+    assert k.tolist() == [[1, 5, 6], [0, 2, 7]]
+    assert p[0].tolist() == [0, 1, 3, 7, 8, 10, 11, 12, 13]
+    assert p[1].tolist() == [0, 1, 2, 3, 4, 6, 11, 12, 13]
+    assert torch.equal(h[1], hidden[1, p[1]])
+    assert h.shape == (2, t - n + keep, d) and m.shape == (2, t - n + keep)
+    assert graph.spec().outputs[0].shape == ("batch", "seq - 5", d)

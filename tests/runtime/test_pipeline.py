@@ -1,0 +1,133 @@
+"""The backend-independent chain: inputs, sampling, stopping, streaming, threads, and its dependencies."""
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from btp.compiler import reference_pipeline
+from btp.runtime import InputError
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny):
+    return reference_pipeline(tiny, "btp")
+
+
+def test_kept_indices_are_ascending_grid_positions_nested_per_stage(pipe, images):
+    out = pipe.generate(images, ["What is shown?", "Describe the image."], max_new_tokens=2)
+    for row in out.kept_indices:
+        assert [len(k) for k in row] == [s.image_tokens for s in pipe.spec.prunes]
+        prev = set(range(pipe.spec.image_tokens))
+        for k in row:
+            assert k == sorted(k) and set(k) <= prev
+            prev = set(k)
+    assert out.timings["ttft_ms"] > 0 and out.timings["vision"] > 0
+
+
+def test_template_is_applied_and_explicit_placeholder_is_kept(pipe, images):
+    a = pipe.generate(images[:1], ["What is shown?"], max_new_tokens=2)
+    b = pipe.generate(images[:1], ["USER: <image>\nWhat is shown? ASSISTANT:"], max_new_tokens=2)
+    assert a.prompt_ids == b.prompt_ids and a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize(
+    ("images_arg", "prompts", "message"),
+    [
+        (None, ["<image> <image> two images?"], "exactly one <image>"),
+        ("two", ["one prompt"], "one image per prompt"),
+        ("text", ["What is shown?"], "cannot preprocess"),
+    ],
+)
+def test_bad_inputs_are_input_errors(pipe, images, images_arg, prompts, message):
+    imgs = {None: images[:1], "two": images, "text": ["not an image"]}[images_arg]
+    with pytest.raises(InputError, match=message):
+        pipe.generate(imgs, prompts, max_new_tokens=1)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"temperature": 0.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                                                  ({"max_new_tokens": 0}, "max_new_tokens")])
+def test_bad_sampling_settings(pipe, images, kwargs, message):
+    args = {"max_new_tokens": 2, "do_sample": True, **kwargs}
+    with pytest.raises(InputError, match=message):
+        pipe.generate(images[:1], ["Hi"], **args)
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(pipe, images):
+    run = lambda seed: pipe.generate(images, ["Hi", "Describe."], max_new_tokens=12, do_sample=True,  # noqa: E731
+                                     temperature=1.5, seed=seed).token_ids
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+    greedy = pipe.generate(images, ["Hi", "Describe."], max_new_tokens=12).token_ids
+    assert run(3) != greedy
+
+
+def test_top_p_keeps_only_the_nucleus(pipe, images):
+    from btp.runtime.sampling import next_tokens
+
+    logits = torch.tensor([[0.0, 5.0, 4.0, -3.0]])
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(next_tokens(logits, True, 1.0, 0.5, g)) for _ in range(50)}
+    assert drawn == {1}
+
+
+def test_rows_stop_at_eos_independently(pipe, images):
+    head = pipe.engines["head"]
+    run, calls = head.run, {"n": 0}
+    eos = pipe.spec.eos_token_ids[0]
+
+    def forced(feeds):
+        out = run(feeds)
+        calls["n"] += 1
+        if calls["n"] == 3:  # third step: row 0 says EOS
+            out["logits"] = out["logits"].clone()
+            out["logits"][0, eos] = 1e4
+        return out
+
+    head.run = forced
+    try:
+        out = pipe.generate(images, ["Hi", "Describe."], max_new_tokens=6)
+    finally:
+        head.run = run
+    assert out.token_ids[0][-1] == eos and len(out.token_ids[0]) == 3
+    assert len(out.token_ids[1]) == 6
+
+
+def test_stream_yields_the_generated_text(pipe, images):
+    pieces = list(pipe.stream(images[0], "What is shown?", max_new_tokens=8))
+    out = pipe.generate(images[:1], ["What is shown?"], max_new_tokens=8)
+    assert "".join(pieces) == out.texts[0]
+
+
+def test_concurrent_generate_calls_match_sequential(pipe, images):
+    prompts = [["What is shown?", "Describe."], ["Where is the red circle?", "Hi"], ["Colours?", "Shapes?"]]
+    expected = [pipe.generate(images, p, max_new_tokens=6).token_ids for p in prompts]
+
+    def worker(_):
+        return [pipe.generate(images, p, max_new_tokens=6).token_ids for p in prompts]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(worker, range(4)))
+    assert all(r == expected for r in results)
+
+
+def test_runtime_imports_no_other_btp_package_nor_model_code():
+    code = (
+        "import sys, btp.runtime; "
+        "bad = [m for m in sys.modules if m.startswith(('btp.compiler', 'btp.graphs', 'btp.tools', "
+        "'transformers'))]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_graphs_import_no_other_btp_package():
+    code = (
+        "import sys, btp.graphs; "
+        "bad = [m for m in sys.modules if m.startswith(('btp.compiler', 'btp.runtime', 'btp.tools'))]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
