@@ -93,34 +93,30 @@ class Attention(nn.Module):
         and with `score_mode` ("logits" | "probs") the head-mean attention of the last query, fp32 `[B,S]`."""
         b, t, _ = x.shape
         hkv, g, dh = self.num_kv_heads, self.groups, self.head_dim
-        q = self.q_proj(x).view(b, t, self.num_heads, dh).transpose(1, 2)  # [B,H,T,Dh]
+        # Queries are laid out under their KV head, [B,Hkv,G,T,Dh]: K and V are broadcast, never repeated.
+        q = self.q_proj(x).view(b, t, hkv, g, dh).permute(0, 2, 3, 1, 4)
         k = self.k_proj(x).view(b, t, hkv, dh).transpose(1, 2)  # [B,Hkv,T,Dh]
         v = self.v_proj(x).view(b, t, hkv, dh).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos, sin)
         key = torch.cat((past_key, k), dim=2)  # [B,Hkv,S,Dh]
         value = torch.cat((past_value, v), dim=2)
-        s = key.shape[2]
 
-        # Queries grouped under their KV head: one batched matmul, K is never repeated in memory.
-        qg = q.reshape(b, hkv, g * t, dh)  # [B,Hkv,G*T,Dh]
-        logits = torch.matmul(qg, key.transpose(2, 3)).view(b, hkv, g, t, s).float() * self.scale
-        probs = torch.softmax(logits + mask, dim=-1).to(x.dtype)  # [B,Hkv,G,T,S]
-        out = torch.matmul(probs.view(b, hkv, g * t, s), value)  # [B,Hkv,G*T,Dh]
-        out = out.view(b, self.num_heads, t, dh).transpose(1, 2).reshape(b, t, self.num_heads * dh)
+        logits = torch.matmul(q, key[:, :, None].transpose(3, 4)).float() * self.scale  # [B,Hkv,G,T,S]
+        probs = torch.softmax(logits + mask, dim=-1).to(x.dtype)
+        out = torch.matmul(probs, value[:, :, None])  # [B,Hkv,G,T,Dh]
+        out = out.permute(0, 3, 1, 2, 4).reshape(b, t, self.num_heads * dh)
 
         scores = None
         if score_mode is not None:
-            scores = self._scores(q[:, :, -1:, :], key, mask[..., -1:, :], score_mode)
+            scores = self._scores(q[:, :, :, -1:], key, mask[..., -1:, :], score_mode)
         return self.o_proj(out), key, value, scores
 
     def _scores(self, q_last: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-        """Side computation beside the attention: last query row `[B,H,1,Dh]` -> fp32 `[B,S]`."""
-        b, hkv, g, dh = q_last.shape[0], self.num_kv_heads, self.groups, self.head_dim
-        s = key.shape[2]
-        logits = torch.matmul(q_last.reshape(b, hkv, g, dh), key.transpose(2, 3)).float() * self.scale
+        """Side computation beside the attention: last query row `[B,Hkv,G,1,Dh]` -> fp32 `[B,S]`."""
+        logits = torch.matmul(q_last, key[:, :, None].transpose(3, 4)).float() * self.scale  # [B,Hkv,G,1,S]
         if mode == "probs":
-            logits = torch.softmax(logits + mask.view(b, 1, 1, s), dim=-1)
-        return logits.reshape(b, hkv * g, s).mean(dim=1)  # [B,S]
+            logits = torch.softmax(logits + mask, dim=-1)
+        return logits.flatten(1, 3).mean(dim=1)  # [B,S]
 
 
 class MLP(nn.Module):
