@@ -7,7 +7,7 @@ from .builtins import BUILTINS
 from .models import LoadedModel, config_fingerprint, load_model
 from .plan import FORMAT, ModelInfo, Plan, Stage
 from .presets import PRESETS, model_info, resolve_plan
-from .reference import TorchEngine, reference_pipeline
+from .reference import ReferencePipeline, TorchEngine, reference_pipeline
 
 __all__ = [
     "BUILTINS",
@@ -19,6 +19,7 @@ __all__ = [
     "ModelInfo",
     "Plan",
     "PlanError",
+    "ReferencePipeline",
     "Stage",
     "TorchEngine",
     "build_graphs",

@@ -8,6 +8,7 @@ from torch import nn
 from btp.runtime import Pipeline
 
 from .assemble import build_graphs
+from .plan import Plan
 from .presets import resolve_plan
 
 
@@ -31,11 +32,17 @@ class TorchEngine:
         return dict(zip(self.output_names, out))
 
 
-def reference_pipeline(model, plan="none", max_positions: int | None = None) -> Pipeline:
-    """`model` (a `LoadedModel`) and a plan (a `Plan`, file or preset name) -> `Pipeline` over torch engines."""
+class ReferencePipeline(Pipeline):
+    """The chain over torch engines, with the checked plan it was built from."""
+
+    def __init__(self, engines, spec, processor, plan: Plan, device):
+        super().__init__(engines, spec, processor, device)
+        self.plan = plan
+
+
+def reference_pipeline(model, plan="none", max_positions: int | None = None) -> ReferencePipeline:
+    """`model` (a `LoadedModel`) and a plan (a `Plan`, file or preset name) -> the chain over torch engines."""
     checked = resolve_plan(plan, model)
     graphs, spec = build_graphs(model, checked, max_positions)
     engines = {name: TorchEngine(g) for name, g in graphs.items()}
-    pipe = Pipeline(engines, spec, model.processor, device=next(model.hf.parameters()).device)
-    pipe.plan = checked
-    return pipe
+    return ReferencePipeline(engines, spec, model.processor, checked, next(model.hf.parameters()).device)

@@ -5,7 +5,7 @@ Imports no other `btp` package: an app that only runs engines needs neither trac
 
 from .chain import ChainSpec, Engine, StageLayout
 from .errors import ArtifactError, BtpError, InputError, ModelError, PlanError
-from .pipeline import GenerateOutput, Pipeline, Prefill
+from .pipeline import GenerateOutput, Inputs, Pipeline, Prefill
 
 __all__ = [
     "ArtifactError",
@@ -14,6 +14,7 @@ __all__ = [
     "Engine",
     "GenerateOutput",
     "InputError",
+    "Inputs",
     "ModelError",
     "Pipeline",
     "Prefill",

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
@@ -47,7 +47,6 @@ class ChainSpec:
     head_dim: int
     dtype: str = "float32"
     max_positions: int = 4096
-    extra: dict = field(default_factory=dict)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -58,7 +58,9 @@ class Prefill:
 
 
 @dataclass
-class _Inputs:
+class Inputs:
+    """Model inputs of one batch, as `prepare` makes them."""
+
     input_ids: torch.Tensor  # [B,T] int64, left padded
     attention_mask: torch.Tensor  # [B,T] int64
     pixel_values: torch.Tensor  # [B,3,H,W]
@@ -95,7 +97,7 @@ class Pipeline:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def prepare(self, images: Sequence, prompts: Sequence[str]) -> _Inputs:
+    def prepare(self, images: Sequence, prompts: Sequence[str]) -> Inputs:
         """Tokenize and preprocess one image per prompt; raise `InputError` on what the model cannot take."""
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -134,7 +136,7 @@ class Pipeline:
         if tuple(pixels.shape) != want:
             raise InputError(f"expected pixel_values of shape {want}, got {tuple(pixels.shape)}")
         dev = self.device
-        return _Inputs(ids.to(dev), mask.to(dev), pixels.to(dev, self.spec.torch_dtype), start.to(dev))
+        return Inputs(ids.to(dev), mask.to(dev), pixels.to(dev, self.spec.torch_dtype), start.to(dev))
 
     # ----------------------------------------------------------------------------------------- running
     def _run(self, name: str, feeds: dict[str, torch.Tensor], times: dict[str, float] | None) -> dict:
@@ -150,7 +152,7 @@ class Pipeline:
         empty = torch.zeros(shape, dtype=self.spec.torch_dtype, device=self.device)
         return {f"past_key_values.{i}.{kind}": empty for i in layers for kind in ("key", "value")}
 
-    def _prefill(self, inp: _Inputs, max_new: int, times: dict[str, float]):
+    def _prefill(self, inp: Inputs, max_new: int, times: dict[str, float]):
         """Run the prefill chain -> (logits [B,V], per-stage states, kept grid indices per prune)."""
         spec, b = self.spec, inp.input_ids.shape[0]
         feats = self._run("vision", {"pixel_values": inp.pixel_values}, times)["image_features"]
@@ -200,12 +202,16 @@ class Pipeline:
         return self._run("head", {"hidden_states": h}, None)["logits"]
 
     def _tokens(
-        self, inp: _Inputs, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, seed: int,
+        self, inp: Inputs, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, seed: int,
         times: dict[str, float], logits_out: list | None, kept_out: list,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row `[B]` (pad for rows already finished)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        length = inp.input_ids.shape[1]
+        if length + max_new_tokens > self.spec.max_positions:
+            raise InputError(f"prompt too long: {length} prompt tokens + {max_new_tokens} new tokens exceed the "
+                             f"{self.spec.max_positions} positions the model was built for")
         check_sampling(temperature, top_p)
         gen = torch.Generator(device=self.device).manual_seed(seed) if do_sample else None
         spec = self.spec
@@ -273,15 +279,15 @@ class Pipeline:
             logits=logits or [],
         )
 
-    def stream(self, image, prompt: str, max_new_tokens: int = 32, **kwargs) -> Iterator[str]:
-        """Yield the answer to one prompt piece by piece as tokens arrive."""
+    def stream(self, image, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
+        """Yield the answer to one prompt piece by piece as tokens arrive (same arguments as `generate`)."""
         inp = self.prepare([image], [prompt])
         tok = self.processor.tokenizer
         ids: list[int] = []
         shown = ""
         times: dict[str, float] = defaultdict(float)
-        for token in self._tokens(inp, max_new_tokens, kwargs.get("do_sample", False), kwargs.get("temperature", 1.0),
-                                  kwargs.get("top_p", 1.0), kwargs.get("seed", 0), times, None, []):
+        for token in self._tokens(inp, max_new_tokens, do_sample, temperature, top_p, seed, times, None, []):
             t = int(token[0])
             ids.append(t)
             text = tok.decode(ids, skip_special_tokens=True)

@@ -131,3 +131,10 @@ def test_graphs_import_no_other_btp_package():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_prompt_longer_than_the_positions_is_an_input_error(tiny, images):
+    short = reference_pipeline(tiny, "none", max_positions=80)
+    with pytest.raises(InputError, match="prompt too long"):
+        short.generate(images[:1], ["Describe the colours and the shapes of everything in this image."],
+                       max_new_tokens=8)
