@@ -50,6 +50,9 @@ class LlavaFamily:
             raise ModelError(f"text model {text.model_type!r} is not supported; expected one of {self.text_types}")
         if vision.model_type not in self.vision_types:
             raise ModelError(f"vision tower {vision.model_type!r} is not supported; expected {self.vision_types}")
+        if cfg.vision_feature_select_strategy != "default":
+            raise ModelError(f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} keeps the CLS "
+                             "token beside the patch grid; expected 'default'")
         if not isinstance(cfg.vision_feature_layer, int):
             raise ModelError(f"vision_feature_layer must be one layer index, got {cfg.vision_feature_layer!r}")
         rope = (getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}).get("rope_type")

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from btp.runtime.errors import PlanError
 
@@ -53,7 +53,7 @@ class ModelInfo(BaseModel):
     family: str
     num_layers: int = Field(ge=1)
     image_tokens: int = Field(ge=1)
-    grid: tuple[int, int]
+    grid: tuple[PositiveInt, PositiveInt]
     fingerprint: str
 
     @model_validator(mode="after")
@@ -96,8 +96,9 @@ class Plan(BaseModel):
                                  f"{self.stages[i - 1].layer}")
             if s.keep > alive:
                 raise ValueError(f"{at}.keep: {s.keep} is above the {alive} image tokens alive before it")
-            if i and s.keep >= alive:
-                raise ValueError(f"{at}.keep: must decrease, got {s.keep} after {alive}")
+            if s.keep == alive:
+                raise ValueError(f"{at}.keep: must decrease below the {alive} image tokens alive before it, "
+                                 f"got {s.keep}")
             if s.spatial + s.attention > s.keep:
                 raise ValueError(f"{at}: spatial + attention ({s.spatial} + {s.attention}) exceeds keep ({s.keep})")
             if s.spatial and i:
@@ -105,9 +106,10 @@ class Plan(BaseModel):
             if s.spatial and m.grid[0] != m.grid[1]:
                 raise ValueError(f"{at}.spatial: spatial seeds need a square grid, the model's is "
                                  f"{m.grid[0]}x{m.grid[1]}")
-            if s.attention and s.layer == 0:
-                raise ValueError(f"{at}.attention: a stage at layer 0 has no attention scores before it; "
-                                 "only spatial/diversity picks may sit there (attention must be 0)")
+            if s.layer == 0 and (s.attention or s.spatial):
+                field = "attention" if s.attention else "spatial"
+                raise ValueError(f"{at}.{field}: there is no attention before layer 0, so only a diversity-only "
+                                 f"recipe may sit there (spatial and attention must be 0)")
             if s.attention and s.candidates > alive - s.spatial:
                 raise ValueError(f"{at}.rho: ceil(rho * attention) = {s.candidates} candidates exceed the "
                                  f"{alive - s.spatial} tokens left after the spatial seeds")

@@ -7,6 +7,7 @@ the same schema so that they compile, run and benchmark the same way.
 from __future__ import annotations
 
 import math
+import os
 
 from pydantic import ValidationError
 
@@ -117,7 +118,9 @@ def resolve_plan(spec, model) -> Plan:
         plan = spec
     elif isinstance(spec, str) and spec in PRESETS:
         plan = PRESETS[spec](info)
-    elif isinstance(spec, str) and (spec.endswith(".json") or "/" in spec):
+    elif isinstance(spec, os.PathLike) or (
+        isinstance(spec, str) and (spec.lower().endswith(".json") or os.sep in spec or os.path.isfile(spec))
+    ):
         plan = Plan.load(spec)
     else:
         raise PlanError(f"unknown plan {spec!r}: expected a plan file or one of the presets {', '.join(PRESETS)}")

@@ -113,7 +113,8 @@ class Attention(nn.Module):
 
     def _scores(self, q_last: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         """Side computation beside the attention: last query row `[B,Hkv,G,1,Dh]` -> fp32 `[B,S]`."""
-        logits = torch.matmul(q_last, key[:, :, None].transpose(3, 4)).float() * self.scale  # [B,Hkv,G,1,S]
+        # An fp32 island: one query row, so computing it in fp32 costs nothing and cannot overflow.
+        logits = torch.matmul(q_last.float() * self.scale, key[:, :, None].transpose(3, 4).float())  # [B,Hkv,G,1,S]
         if mode == "probs":
             logits = torch.softmax(logits + mask, dim=-1)
         return logits.flatten(1, 3).mean(dim=1)  # [B,S]

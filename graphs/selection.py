@@ -90,9 +90,12 @@ def attention_picks(scores: torch.Tensor, chosen: torch.Tensor, recipe: Recipe) 
     `scores [B,N]` fp32, `chosen [B,N]` bool -> `[B,attention]` int64 indices. Takes the top
     `candidates` in score order, then keeps `attention` of them preferring indices `< N/2`.
     """
-    lowest = torch.finfo(torch.float32).min
-    masked = torch.where(chosen, torch.full_like(scores, lowest), scores.float())
-    cand = torch.topk(masked, recipe.candidates, dim=1, largest=True, sorted=True).indices  # [B,C]
+    # Non-finite scores (fp16 overflow) are clamped so that chosen tokens always rank below every other.
+    big = 1.0e30
+    clean = torch.nan_to_num(scores.float(), nan=-big, posinf=big, neginf=-big).clamp(-big, big)
+    masked = torch.where(chosen, torch.full_like(clean, -2 * big), clean)
+    # A stable descending sort ranks equal scores by index (ONNX TopK's tie rule), so every backend agrees.
+    cand = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, : recipe.candidates]  # [B,C]
     if not recipe.rebalance or recipe.candidates == recipe.attention:
         return cand[:, : recipe.attention]
     c = recipe.candidates

@@ -38,7 +38,8 @@ class GenerateOutput:
 
 @dataclass
 class _StageState:
-    """One stage's decode state: its layers' KV and its attention mask, preallocated for all new tokens."""
+    """One stage's decode state: its layers' KV (grown by the stage graph's present outputs) and its attention
+    mask, preallocated for all new tokens."""
 
     layout: StageLayout
     cache: dict[str, torch.Tensor]
@@ -116,8 +117,9 @@ class Pipeline:
             texts.append(text)
         try:
             enc = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
-        except (ValueError, TypeError, OSError) as err:
-            raise InputError(f"cannot preprocess the images: {err}") from err
+        except Exception as err:  # the processor is third-party code: any failure here is about the input
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise InputError(f"cannot preprocess the images: {type(err).__name__}: {first}") from err
         ids = enc["input_ids"].to(torch.int64)
         mask = enc["attention_mask"].to(torch.int64)
         if ids.shape[0] > 1 and bool((mask[:, -1] == 0).any()):
@@ -131,6 +133,9 @@ class Pipeline:
         span = start[:, None] + torch.arange(n0)[None, :]
         if not bool(is_image.gather(1, span.clamp(max=ids.shape[1] - 1)).all()):
             raise InputError("the image tokens of a prompt must form one contiguous span")
+        if bool((start + n0 >= ids.shape[1]).any()):
+            # The last prompt token ranks the image tokens and yields the first answer token: it must be text.
+            raise InputError("expected text after the image placeholder, found the prompt ending with the image")
         pixels = enc["pixel_values"]
         want = (len(texts), 3, self.spec.image_size, self.spec.image_size)
         if tuple(pixels.shape) != want:
@@ -159,6 +164,7 @@ class Pipeline:
         h = self._run("embed", {"input_ids": inp.input_ids, "image_features": feats}, times)["inputs_embeds"]
         mask = inp.attention_mask
         pos = (mask.cumsum(-1) - 1).clamp_min(0)  # pads get 0, as Hugging Face does
+        last_position = pos[:, -1]  # decode continues from the unpruned length
         grid = torch.arange(spec.image_tokens, device=self.device)[None].expand(b, -1)  # [B,N] grid ids
         kept, states, scores = [], [], None
         for layout in spec.stages:
@@ -179,7 +185,7 @@ class Pipeline:
             stage_mask[:, : mask.shape[1]] = mask
             states.append(_StageState(layout, cache, stage_mask, mask.shape[1]))
         logits = self._run("head", {"hidden_states": h}, times)["logits"]
-        return logits, states, kept, pos[:, -1]
+        return logits, states, kept, last_position
 
     def prefill(self, images: Sequence, prompts: Sequence[str]) -> Prefill:
         """Run only the prefill chain (for inspection and checks)."""
@@ -284,15 +290,20 @@ class Pipeline:
         """Yield the answer to one prompt piece by piece as tokens arrive (same arguments as `generate`)."""
         inp = self.prepare([image], [prompt])
         tok = self.processor.tokenizer
-        ids: list[int] = []
-        shown = ""
+        # Decode a window that restarts after each newline, so each token costs the line, not the answer.
+        window: list[int] = []
+        shown = text = ""
         times: dict[str, float] = defaultdict(float)
         for token in self._tokens(inp, max_new_tokens, do_sample, temperature, top_p, seed, times, None, []):
             t = int(token[0])
-            ids.append(t)
-            text = tok.decode(ids, skip_special_tokens=True)
-            if len(text) > len(shown):
+            window.append(t)
+            text = tok.decode(window, skip_special_tokens=True)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
                 yield text[len(shown):]
                 shown = text
+            if shown.endswith("\n"):
+                window, shown = [], ""
             if t in self.spec.eos_token_ids:
                 break
+        if len(text) > len(shown):  # whatever was held back waiting for the rest of a character
+            yield text[len(shown):]

@@ -6,12 +6,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rich.columns import Columns
 from rich.console import Console
+from rich.panel import Panel
 from rich.table import Table
 
 from btp.runtime.errors import BtpError
 
 from .samples import SAMPLE_QUESTION, sample_image
+
+
+def kept_map(kept: list[int], grid: tuple[int, int]) -> str:
+    """The image grid as text: '#' for a kept patch, '.' for a removed one."""
+    rows, cols = grid
+    alive = set(kept)
+    return "\n".join("".join("#" if r * cols + c in alive else "." for c in range(cols)) for r in range(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         shown = ", ".join(map(str, kept[:24])) + (" ..." if len(kept) > 24 else "")
         table.add_row(st.prune, str(st.layers[0]), str(len(kept)), shown or "-")
     console.print(table)
+    if model.grid[1] <= 32:
+        maps = [Panel(kept_map(kept, model.grid), title=f"{st.prune}: {len(kept)} kept", expand=False)
+                for st, kept in zip(pipe.spec.prunes, out.kept_indices[0])]
+        console.print(Columns(maps))
     avg = plan.average_image_tokens()
     console.print(f"layer-averaged image tokens: {avg:.2f} of {model.image_tokens} "
                   f"({100 * (1 - avg / model.image_tokens):.0f}% removed); time to first token "

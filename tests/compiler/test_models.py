@@ -79,3 +79,12 @@ def test_directory_without_config_is_refused(tmp_path):
 def test_bad_dtype_is_refused():
     with pytest.raises(ModelError, match="dtype must be one of"):
         load_model("builtin:tiny-llava", dtype="float64")
+
+
+def test_cls_keeping_feature_strategy_is_refused(tiny):
+    import copy
+
+    model = copy.deepcopy(tiny.hf)
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(ModelError, match="vision_feature_select_strategy 'full'"):
+        tiny.family.check(model)

@@ -87,16 +87,29 @@ def test_diversity_only_stage_at_layer_0_is_valid():
     plan = Plan.parse(doc({"layer": 0, "keep": 16}))
     assert plan.stages[0].diversity == 16
     assert plan.layer_tokens() == [16] * 8
-    spatial = Plan.parse(doc({"layer": 0, "keep": 32, "spatial": 16}))
-    assert spatial.stages[0].diversity == 16
+    msg = plan_error(doc({"layer": 0, "keep": 32, "spatial": 16}))
+    assert "stages[0].spatial" in msg and "diversity-only" in msg
 
 
 def test_valid_edges_pass():
-    # rho exactly filling the tokens left, keep == image tokens at the first stage, keep 0 at the end.
-    plan = Plan.parse(doc({"layer": 1, "keep": 64, "spatial": 16, "attention": 16, "rho": 3.0},
+    # rho exactly filling the tokens left, keep 0 at the end.
+    plan = Plan.parse(doc({"layer": 1, "keep": 63, "spatial": 16, "attention": 16, "rho": 3.0},
                           {"layer": 7, "keep": 0}))
     assert plan.stages[0].candidates == 48
-    assert plan.layer_tokens() == [64] * 7 + [0]
+    assert plan.layer_tokens() == [64] + [63] * 6 + [0]
+    # A first stage keeping every image token is a no-op, and refused.
+    msg = plan_error(doc({"layer": 2, "keep": 64}))
+    assert "stages[0].keep" in msg and "must decrease" in msg
+    # Grids are positive.
+    assert "model.grid" in plan_error(doc(model={**MODEL, "grid": [-8, -8]}))
+
+
+def test_resolve_plan_takes_path_objects_and_any_json_case(tiny, tmp_path):
+    plan = resolve_plan("btp", tiny)
+    path = tmp_path / "plan.JSON"
+    plan.save(path)
+    assert resolve_plan(path, tiny) == plan
+    assert resolve_plan(str(path), tiny) == plan
 
 
 @pytest.mark.parametrize("text", ["{not json", "", '{"format": "btp-plan/1",}', "[1, 2"])

@@ -168,3 +168,21 @@ def test_prune_graph_gathers_prefix_kept_and_text_per_row():
     assert torch.equal(h[1], hidden[1, p[1]])
     assert h.shape == (2, t - n + keep, d) and m.shape == (2, t - n + keep)
     assert graph.spec().outputs[0].shape == ("batch", "seq - 5", d)
+
+
+def test_non_finite_scores_still_give_exactly_k_ascending():
+    n = 16
+    recipe = Recipe(alive=n, keep=8, seeds=spatial_seeds(4, 4), attention=4, rho=2.0, rebalance=True)
+    scores = torch.full((1, n), float("-inf"))
+    scores[0, 5] = float("nan")
+    scores[0, 6] = float("inf")
+    keep = select(torch.randn(1, n, 3), scores, recipe)[0].tolist()
+    assert keep == sorted(set(keep)) and len(keep) == 8
+    assert 6 in keep  # +inf is the top score
+
+
+def test_equal_scores_rank_by_index_like_onnx_topk():
+    n = 12
+    recipe = Recipe(alive=n, keep=3, attention=3)
+    keep = select(torch.randn(2, n, 3), torch.zeros(2, n), recipe)
+    assert keep.tolist() == [[0, 1, 2], [0, 1, 2]]
