@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/btp-demo
+	$(BIN)/btp-compile builtin:tiny-llava --plan btp -o build/demo --force
+	$(BIN)/btp-run build/demo --image tools/data/sample.png --prompt "What is shown in the image?" \
+		--max-new-tokens 16 --explain build/demo-kept.png
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -36,7 +36,8 @@ class PruneGraph(nn.Module):
 
     Inputs: `hidden_states [B,T,D]`, `position_ids [B,T]` int64, `attention_mask [B,T]` int64,
     `scores [B,T]` fp32 (only when the recipe has attention picks), `image_start [B]` int64.
-    Outputs: the first three gathered to `[B, T - alive + keep, ...]`, and `keep_indices [B,keep]` int64
+    Outputs: `pruned_hidden_states`, `pruned_position_ids`, `pruned_attention_mask`, the first three inputs
+    gathered to `[B, T - alive + keep, ...]`, and `keep_indices [B,keep]` int64
     (ascending positions inside the current image span). Position ids are gathered, never renumbered.
     """
 
@@ -59,10 +60,11 @@ class PruneGraph(nn.Module):
         if self.uses_scores:
             inputs.append(TensorSpec("scores", torch.float32, (BATCH, SEQ)))
         inputs.append(TensorSpec("image_start", torch.int64, (BATCH,)))
+        # ONNX names are single-assignment: the gathered tensors cannot reuse their inputs' names.
         outputs = (
-            TensorSpec("hidden_states", self.dtype, (BATCH, out_seq, self.hidden_size)),
-            TensorSpec("position_ids", torch.int64, (BATCH, out_seq)),
-            TensorSpec("attention_mask", torch.int64, (BATCH, out_seq)),
+            TensorSpec("pruned_hidden_states", self.dtype, (BATCH, out_seq, self.hidden_size)),
+            TensorSpec("pruned_position_ids", torch.int64, (BATCH, out_seq)),
+            TensorSpec("pruned_attention_mask", torch.int64, (BATCH, out_seq)),
             TensorSpec("keep_indices", torch.int64, (BATCH, r.keep)),
         )
         return GraphSpec(self.name, tuple(inputs), outputs)

@@ -84,6 +84,17 @@ def cosine_distance(hidden: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.matmul(h, h.transpose(1, 2))
 
 
+def top_candidates(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the `k` largest of `values [B,N]` in descending order, equal values by ascending index.
+
+    That tie rule is ONNX TopK's (sorted=1); eager torch.topk leaves ties unordered, so eager runs use a stable
+    sort while exported graphs use TopK, and both pick the same tokens.
+    """
+    if torch.compiler.is_exporting():
+        return torch.topk(values, k, dim=1, largest=True, sorted=True).indices
+    return torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+
+
 def attention_picks(scores: torch.Tensor, chosen: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     """Rebalanced top-k by score among unchosen tokens.
 
@@ -94,8 +105,7 @@ def attention_picks(scores: torch.Tensor, chosen: torch.Tensor, recipe: Recipe) 
     big = 1.0e30
     clean = torch.nan_to_num(scores.float(), nan=-big, posinf=big, neginf=-big).clamp(-big, big)
     masked = torch.where(chosen, torch.full_like(clean, -2 * big), clean)
-    # A stable descending sort ranks equal scores by index (ONNX TopK's tie rule), so every backend agrees.
-    cand = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, : recipe.candidates]  # [B,C]
+    cand = top_candidates(masked, recipe.candidates)  # [B,C]
     if not recipe.rebalance or recipe.candidates == recipe.attention:
         return cand[:, : recipe.attention]
     c = recipe.candidates

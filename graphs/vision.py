@@ -75,7 +75,7 @@ class VisionGraph(nn.Module):
         emb = tower.embeddings
         self.patch = emb.patch_embedding
         self.class_embedding = emb.class_embedding
-        self.register_buffer("positions", emb.position_embedding.weight, persistent=False)
+        self.position_embedding = emb.position_embedding  # [1+N, C] table, one row per position
         self.pre_norm = tower.pre_layrnorm
         self.layers = nn.ModuleList(VisionLayer(tower.encoder.layers[i], num_heads) for i in range(feature_layers))
         self.proj1, self.proj_act, self.proj2 = hf_projector.linear_1, hf_projector.act, hf_projector.linear_2
@@ -92,7 +92,7 @@ class VisionGraph(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch(pixel_values.to(self.patch.weight.dtype)).flatten(2).transpose(1, 2)  # [B,N,C]
         cls = self.class_embedding.to(x.dtype)[None, None, :].expand(x.shape[0], 1, -1)
-        x = torch.cat((cls, x), dim=1) + self.positions.to(x.dtype)[None]  # [B,1+N,C]
+        x = torch.cat((cls, x), dim=1) + self.position_embedding.weight.to(x.dtype)[None]  # [B,1+N,C]
         x = _layer_norm(self.pre_norm, x)
         for layer in self.layers:
             x = layer(x)

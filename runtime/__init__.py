@@ -5,7 +5,7 @@ Imports no other `btp` package: an app that only runs engines needs neither trac
 
 from .chain import ChainSpec, Engine, StageLayout
 from .errors import ArtifactError, BtpError, InputError, ModelError, PlanError
-from .pipeline import GenerateOutput, Inputs, Pipeline, Prefill
+from .pipeline import GenerateOutput, Inputs, Pipeline, Prefill, TextStream
 
 __all__ = [
     "ArtifactError",
@@ -20,4 +20,5 @@ __all__ = [
     "Prefill",
     "PlanError",
     "StageLayout",
+    "TextStream",
 ]

@@ -47,6 +47,8 @@ class ChainSpec:
     head_dim: int
     dtype: str = "float32"
     max_positions: int = 4096
+    max_prompt: int | None = None  # compiled artifacts: the prompt and batch bounds their graphs were built for
+    max_batch: int | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:

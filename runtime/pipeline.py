@@ -68,6 +68,43 @@ class Inputs:
     image_start: torch.Tensor  # [B] int64
 
 
+class TextStream:
+    """Iterate for the pieces of one streamed answer; `kept_indices` (per prune stage, grid positions) and
+    `timings` are filled once prefill has run."""
+
+    def __init__(self, pipe: Pipeline, inp: Inputs, max_new_tokens: int, sampling: tuple):
+        self.timings: dict[str, float] = defaultdict(float)
+        self._kept: list[torch.Tensor] = []  # filled by prefill
+        self._pipe = pipe
+        self._tokens = pipe._tokens(inp, max_new_tokens, *sampling, self.timings, None, self._kept)
+        self.token_ids: list[int] = []
+
+    @property
+    def kept_indices(self) -> list[list[int]]:
+        return [k[0].tolist() for k in self._kept]
+
+    def __iter__(self) -> Iterator[str]:
+        tok = self._pipe.processor.tokenizer
+        eos = self._pipe.spec.eos_token_ids
+        # Decode a window that restarts after each newline, so each token costs the line, not the answer.
+        window: list[int] = []
+        shown = text = ""
+        for token in self._tokens:
+            t = int(token[0])
+            self.token_ids.append(t)
+            window.append(t)
+            text = tok.decode(window, skip_special_tokens=True)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+                yield text[len(shown):]
+                shown = text
+            if shown.endswith("\n"):
+                window, shown = [], ""
+            if t in eos:
+                break
+        if len(text) > len(shown):  # whatever was held back waiting for the rest of a character
+            yield text[len(shown):]
+
+
 class Pipeline:
     """Chains `engines` (keyed by graph name: vision, embed, stage*, prune*, head) per `spec`.
 
@@ -84,6 +121,7 @@ class Pipeline:
         self.spec = spec
         self.processor = processor
         self.device = torch.device(device)
+        self.manifest = None  # set when loaded from an artifact directory
         self.image_token = processor.tokenizer.convert_ids_to_tokens(spec.image_token_id)
 
     # ----------------------------------------------------------------------------------------- inputs
@@ -122,6 +160,12 @@ class Pipeline:
             raise InputError(f"cannot preprocess the images: {type(err).__name__}: {first}") from err
         ids = enc["input_ids"].to(torch.int64)
         mask = enc["attention_mask"].to(torch.int64)
+        spec = self.spec
+        if spec.max_batch is not None and ids.shape[0] > spec.max_batch:
+            raise InputError(f"batch of {ids.shape[0]} prompts exceeds the artifact's max batch {spec.max_batch}")
+        if spec.max_prompt is not None and ids.shape[1] > spec.max_prompt:
+            raise InputError(f"prompt too long: {ids.shape[1]} tokens (image included), the artifact was built for "
+                             f"at most {spec.max_prompt} (btp-compile --max-prompt)")
         if ids.shape[0] > 1 and bool((mask[:, -1] == 0).any()):
             raise InputError("the tokenizer pads on the right; the pipeline needs left padding")
         is_image = ids == self.spec.image_token_id
@@ -172,7 +216,7 @@ class Pipeline:
                 feeds = {"hidden_states": h, "position_ids": pos, "attention_mask": mask,
                          "scores": scores, "image_start": inp.image_start}
                 out = self._run(layout.prune, feeds, times)
-                h, pos, mask = out["hidden_states"], out["position_ids"], out["attention_mask"]
+                h, pos, mask = out["pruned_hidden_states"], out["pruned_position_ids"], out["pruned_attention_mask"]
                 grid = grid.gather(1, out["keep_indices"])
                 kept.append(grid)
             feeds = {"inputs_embeds": h, "position_ids": pos, "attention_mask": mask,
@@ -286,24 +330,23 @@ class Pipeline:
         )
 
     def stream(self, image, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
-               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
-        """Yield the answer to one prompt piece by piece as tokens arrive (same arguments as `generate`)."""
+               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> TextStream:
+        """Stream the answer to one prompt piece by piece as tokens arrive (same arguments as `generate`).
+
+        The input is checked here, before the first token; the returned `TextStream` is iterated for text and
+        holds `kept_indices` and `timings` once prefill has run."""
         inp = self.prepare([image], [prompt])
-        tok = self.processor.tokenizer
-        # Decode a window that restarts after each newline, so each token costs the line, not the answer.
-        window: list[int] = []
-        shown = text = ""
-        times: dict[str, float] = defaultdict(float)
-        for token in self._tokens(inp, max_new_tokens, do_sample, temperature, top_p, seed, times, None, []):
-            t = int(token[0])
-            window.append(t)
-            text = tok.decode(window, skip_special_tokens=True)
-            if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-                yield text[len(shown):]
-                shown = text
-            if shown.endswith("\n"):
-                window, shown = [], ""
-            if t in self.spec.eos_token_ids:
-                break
-        if len(text) > len(shown):  # whatever was held back waiting for the rest of a character
-            yield text[len(shown):]
+        check_sampling(temperature, top_p)
+        return TextStream(self, inp, max_new_tokens, (do_sample, temperature, top_p, seed))
+
+    @classmethod
+    def load(cls, path, backend: str = "auto", device: str = "cpu", threads: int = 0, optimization: str = "all",
+             verify: bool = True) -> Pipeline:
+        """Load an artifact directory written by `btp-compile`. `backend` is `auto` (TensorRT engines where
+        present and importable, else ONNX Runtime) or `onnxruntime`; `threads` and `optimization` set the
+        ONNX Runtime session options. Raises `ArtifactError` naming the file that is missing, tampered with,
+        of an unknown format, or whose graph I/O disagrees with the manifest."""
+        from .loading import load_pipeline
+
+        return load_pipeline(cls, path, backend=backend, device=device, threads=threads,
+                             optimization=optimization, verify=verify)

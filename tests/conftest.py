@@ -16,3 +16,27 @@ def images():
     """Two different images: the bundled sample and a synthetic gradient."""
     grad = Image.linear_gradient("L").resize((48, 40)).convert("RGB")
     return [sample_image(), grad]
+
+
+# Small bounds keep the exported graphs and the tests quick.
+LIMITS = dict(max_batch=4, max_prompt=256, max_new_tokens=64)
+
+
+@pytest.fixture(scope="session")
+def artifact(tmp_path_factory):
+    """Factory: the compiled builtin:tiny-llava artifact for a preset, built once per session."""
+    from btp.compiler.build import BuildConfig, compile_artifact
+    from btp.compiler.export import Limits
+
+    built = {}
+
+    def get(preset: str):
+        if preset not in built:
+            out = tmp_path_factory.mktemp("artifacts") / preset
+            cfg = BuildConfig(model="builtin:tiny-llava", plan=preset, out=out, backend="onnxruntime",
+                              limits=Limits(**LIMITS))
+            compile_artifact(cfg)
+            built[preset] = out
+        return built[preset]
+
+    return get

@@ -1,0 +1,191 @@
+"""`compile_artifact`: model + plan -> artifact directory (ARCHITECTURE section 5), all or nothing.
+
+Everything that can be checked before work starts is checked first (model, plan, limits, OUT); the build
+then writes into a temporary sibling of OUT and renames it into place only when complete, so a failed or
+interrupted build leaves nothing that `Pipeline.load` would accept.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from btp.runtime.errors import BtpError
+from btp.runtime.manifest import ARTIFACT_FORMAT, MANIFEST, BuildOptions, GraphInfo, Manifest, TensorInfo, file_table
+
+from .assemble import build_graphs
+from .export import EXPORTER, Exported, Limits, export_graph
+from .models import DTYPES, load_model
+from .presets import resolve_plan
+from .trt_lint import SUPPORTED_OPSETS, lint_model
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+class BuildError(BtpError):
+    """A build cannot start or cannot finish (OUT exists, unwritable, bad limits, lint violations)."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What `btp-compile` asks for."""
+
+    model: str
+    plan: str
+    out: Path
+    backend: str = "auto"
+    dtype: str = "float32"
+    limits: Limits = field(default_factory=Limits)
+    opset: int = 18
+    force: bool = False
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    backend: str
+    graphs: list[Exported]
+    warnings: list[str]
+    manifest: Manifest
+
+
+def tensorrt_available() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise BuildError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "tensorrt" if tensorrt_available() else "onnxruntime"
+    if backend == "tensorrt" and not tensorrt_available():
+        raise BuildError("--backend tensorrt: the tensorrt package is not importable here; install the gpu extra "
+                         "or use --backend onnxruntime")
+    return backend
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise BuildError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"{out} exists and is not a directory")
+
+
+def _check_limits(cfg: BuildConfig, image_tokens: int) -> None:
+    lim = cfg.limits
+    if lim.max_batch < 1 or lim.max_new_tokens < 1:
+        raise BuildError(f"--max-batch and --max-new-tokens must be >= 1, got {lim.max_batch} and "
+                         f"{lim.max_new_tokens}")
+    if lim.max_prompt <= image_tokens:
+        raise BuildError(f"--max-prompt {lim.max_prompt} cannot hold the model's {image_tokens} image tokens plus a "
+                         f"question; expected more than {image_tokens}")
+    if cfg.opset not in SUPPORTED_OPSETS:
+        lo, hi = SUPPORTED_OPSETS.start, SUPPORTED_OPSETS.stop - 1
+        raise BuildError(f"--opset must be in {lo}..{hi} (what TensorRT 10/11 parse), got {cfg.opset}")
+
+
+def _producer() -> dict[str, str]:
+    try:
+        v = version("btp")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        v = "0+unknown"
+    import torch
+
+    return {"name": "btp", "version": v, "torch": torch.__version__}
+
+
+def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | None], None] | None = None
+                     ) -> BuildResult:
+    """Build the artifact of `cfg`. `on_graph(name, phase, exported)` reports progress: phase is "start"
+    before a graph exports and "done" after. Raises a `BtpError` (one line) for anything the user can fix."""
+    out = Path(cfg.out)
+    backend = resolve_backend(cfg.backend)
+    if cfg.dtype not in DTYPES:
+        raise BuildError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    _check_out(out, cfg.force)
+    model = load_model(cfg.model, dtype=cfg.dtype)
+    plan = resolve_plan(cfg.plan, model)
+    _check_limits(cfg, model.image_tokens)
+    graphs, chain = build_graphs(model, plan, cfg.limits.max_positions)
+    chain = replace(chain, max_prompt=cfg.limits.max_prompt, max_batch=cfg.limits.max_batch)
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is an ordinary directory
+    except OSError as err:
+        raise BuildError(f"cannot write the artifact next to {out}: {err.strerror or err}") from err
+    done = False
+    try:
+        (tmp / "onnx").mkdir()
+        alive = {st.prune: graphs[st.prune].recipe.alive for st in chain.stages if st.prune}
+        exported, warnings, infos = [], [], {}
+        for name, module in graphs.items():
+            if on_graph:
+                on_graph(name, "start", None)
+            e = export_graph(module, tmp / "onnx" / f"{name}.onnx", limits=cfg.limits, opset=cfg.opset,
+                             image_token_id=chain.image_token_id, image_tokens=chain.image_tokens,
+                             alive=alive.get(name, 0))
+            problems = lint_model(e.path)
+            if problems and backend == "tensorrt":
+                raise BuildError(f"{name}.onnx is not TensorRT-compatible: {problems[0]}")
+            warnings += [f"{name}.onnx: {p}" for p in problems]
+            spec = module.spec()
+            infos[name] = GraphInfo(
+                file=f"onnx/{name}.onnx", exporter=EXPORTER, opset=e.opset, nodes=e.nodes, seconds=round(e.seconds, 3),
+                inputs=[TensorInfo(**t.to_dict()) for t in spec.inputs],
+                outputs=[TensorInfo(**t.to_dict()) for t in spec.outputs],
+            )
+            exported.append(e)
+            if on_graph:
+                on_graph(name, "done", e)
+        model.processor.save_pretrained(tmp / "processor")
+        lim = cfg.limits
+        manifest = Manifest(
+            format=ARTIFACT_FORMAT,
+            producer=_producer(),
+            model=model.summary(),
+            plan=plan.model_dump(mode="json", by_alias=True, exclude_none=True),
+            chain=chain.to_dict(),
+            build=BuildOptions(backend="onnxruntime", dtype=cfg.dtype, opset=cfg.opset, max_batch=lim.max_batch,
+                               max_prompt=lim.max_prompt, max_new_tokens=lim.max_new_tokens),
+            graphs=infos,
+            files=file_table(tmp),
+        )
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        _move_into_place(tmp, out)
+        done = True
+    except OSError as err:
+        raise BuildError(f"writing the artifact failed: {err.strerror or err} ({err.filename or out})") from err
+    finally:
+        if not done:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if backend == "tensorrt":
+        warnings.append("TensorRT engines are not built yet (a later release builds them); this artifact runs with "
+                        "the onnxruntime backend")
+    return BuildResult(out, "onnxruntime", exported, warnings, manifest)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished build to `out`; an existing `out` (with --force) goes only after that succeeds."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / "artifact")
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old / "artifact", out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,87 @@
+"""`btp-compile MODEL --plan PLAN -o OUT`: export every graph of a BTP-pruned model into an artifact."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from btp.runtime.cli import run_main
+
+from .build import BACKENDS, BuildConfig, compile_artifact
+from .export import Limits
+from .models import DTYPES
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="btp-compile", description=__doc__)
+    p.add_argument("model", help="Hugging Face checkpoint directory, hub id, or builtin:NAME")
+    p.add_argument("--plan", required=True, help="plan file (btp-plan/1 JSON) or preset: none, btp, fastv, pdrop, "
+                   "divprune")
+    p.add_argument("-o", "--out", required=True, help="artifact directory to create")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="engines to build (default: tensorrt where importable, else onnxruntime)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--max-batch", type=int, default=4, help="largest batch the graphs accept (default: 4)")
+    p.add_argument("--max-prompt", type=int, default=1024,
+                   help="longest prompt in tokens, image tokens included (default: 1024)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: 256)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..20 (default: 18)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    console = Console(stderr=False, highlight=False)
+    cfg = BuildConfig(
+        model=args.model, plan=args.plan, out=args.out, backend=args.backend, dtype=args.dtype,
+        limits=Limits(max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens),
+        opset=args.opset, force=args.force,
+    )
+
+    def body() -> int:
+        t0 = time.perf_counter()
+        status = console.status("loading the model")
+        status.start()
+
+        def on_graph(name, phase, exported):
+            if phase == "start":
+                status.update(f"exporting [bold]{name}[/bold]")
+            else:
+                console.print(f"  exported {name:<8} {exported.nodes:>5} nodes  {exported.seconds:6.1f} s")
+
+        try:
+            result = compile_artifact(cfg, on_graph)
+        finally:
+            status.stop()
+        table = Table("graph", "nodes", "size", "seconds", title=f"{result.out} ({result.backend})")
+        files = result.manifest.files
+        for e in result.graphs:
+            size = sum(f.size for rel, f in files.items() if rel.startswith(f"onnx/{e.name}.onnx"))
+            table.add_row(e.name, str(e.nodes), _human(size), f"{e.seconds:.1f}")
+        console.print(table)
+        for w in result.warnings:
+            console.print(f"[yellow]warning:[/yellow] {w}")
+        plan = result.manifest.plan
+        stages = ", ".join(f"{s['keep']}@{s['layer']}" for s in plan.get("stages", [])) or "no pruning"
+        console.print(f"plan: {stages} (image tokens kept @ first layer); built in {time.perf_counter() - t0:.1f} s")
+        return 0
+
+    return run_main(body, args.debug, "btp-compile")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Export one `graphs` module to ONNX with the dynamo exporter, everything derived from its I/O spec.
+
+Example inputs, dynamic dims and the names written into the ONNX file all come from `module.spec()`:
+the symbolic dims `batch`, `seq`, `past`, `image_tokens` become `torch.export.Dim`s bounded by the build
+options, and derived dims (`past + seq`, `seq - 32`) are left to the exporter, which proves them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from btp.graphs import GraphSpec
+
+log = logging.getLogger(__name__)
+
+EXPORTER = "torch.onnx.export(dynamo=True)"
+# Weights above this size go to an external .data file beside the graph.
+EXTERNAL_DATA_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Shape bounds of an artifact: the exported dims (and later the TensorRT profiles) use them."""
+
+    max_batch: int = 4
+    max_prompt: int = 1024
+    max_new_tokens: int = 256
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_prompt + self.max_new_tokens
+
+
+@dataclass
+class Exported:
+    """What one export produced."""
+
+    name: str
+    path: Path
+    nodes: int
+    seconds: float
+    opset: int
+
+
+def _dims(spec: GraphSpec, limits: Limits, min_seq: int, image_tokens: int) -> dict[str, object]:
+    return {
+        "batch": Dim("batch", min=1, max=limits.max_batch),
+        "seq": Dim("seq", min=min_seq, max=limits.max_prompt),
+        "past": Dim("past", min=0, max=limits.max_positions),
+        "image_tokens": Dim("image_tokens", min=0, max=image_tokens),
+        "past + seq": Dim.AUTO,
+    }
+
+
+def example_inputs(spec: GraphSpec, image_token_id: int, image_tokens: int, seq: int) -> list[torch.Tensor]:
+    """Valid example tensors for `spec` (batch 2, `seq` tokens, past 3): sizes of 0 or 1 would be
+    specialised by the exporter, so every dynamic dim is at least 2."""
+    sizes = {"batch": 2, "seq": seq, "past": 3, "past + seq": seq + 3, "image_tokens": image_tokens}
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for t in spec.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
+        if t.name == "input_ids":
+            x = torch.randint(0, max(image_token_id, 2), shape, generator=g)
+            x[:, 1 : 1 + image_tokens] = image_token_id
+        elif t.name == "position_ids":
+            x = torch.arange(shape[-1]).expand(shape).contiguous()
+        elif t.name == "attention_mask":
+            x = torch.ones(shape, dtype=torch.int64)
+        elif t.name == "image_start":
+            x = torch.arange(1, shape[0] + 1)
+        elif t.dtype.is_floating_point:
+            x = (torch.randn(shape, generator=g) * 0.1).to(t.dtype)
+        else:
+            raise ValueError(f"{spec.name}: no example rule for input {t.name}")
+        out.append(x.to(t.dtype))
+    return out
+
+
+def _structure(module: nn.Module, n_fixed: int, items: list):
+    """Group the dynamic shapes of trailing inputs under the forward's `*args`, as torch.export expects."""
+    return (*items[:n_fixed], tuple(items[n_fixed:])) if len(items) > n_fixed else tuple(items)
+
+
+def _fixed_inputs(module: nn.Module) -> int:
+    import inspect
+
+    params = inspect.signature(module.forward).parameters.values()
+    return sum(1 for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
+
+
+def _param_bytes(module: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def export_graph(module: nn.Module, path: Path, *, limits: Limits, opset: int, image_token_id: int,
+                 image_tokens: int, alive: int = 0) -> Exported:
+    """Export `module` to `path` (ONNX, opset `opset`), check it and infer shapes.
+
+    `alive` is the image-token count a prune graph expects (its sequences hold at least that many).
+    """
+    import onnx
+
+    spec = module.spec()
+    min_seq = alive + 1 if alive else 1
+    seq = max(alive + 6, 8)
+    dims = _dims(spec, limits, min_seq, image_tokens)
+    items = example_inputs(spec, image_token_id, image_tokens, seq)
+    dyn = [{i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs]
+    n_fixed = _fixed_inputs(module)
+    t0 = time.perf_counter()
+    # The exporter's registry logs one warning per torchvision op it skips; none of ours needs torchvision.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, tuple(items), dynamo=True, opset_version=opset,
+            input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_shapes=_structure(module, n_fixed, dyn), verbose=False,
+        )
+        external = _param_bytes(module) > EXTERNAL_DATA_BYTES
+        program.save(str(path), external_data=external)
+    # Only the graph proto is rewritten: external weights stay where the exporter put them.
+    model = onnx.load(str(path), load_external_data=False)
+    _name_dims(model, spec)
+    path.write_bytes(model.SerializeToString())
+    onnx.checker.check_model(str(path), full_check=False)
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))
+    seconds = time.perf_counter() - t0
+    nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
+    return Exported(spec.name, path, nodes, seconds, opset)
+
+
+def _name_dims(model, spec: GraphSpec) -> None:
+    """Write the spec's symbolic dim names into the graph's inputs and outputs."""
+    for values, tensors in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
+        by_name = {t.name: t for t in tensors}
+        for v in values:
+            t = by_name.get(v.name)
+            if t is None:
+                continue
+            for dim, want in zip(v.type.tensor_type.shape.dim, t.shape):
+                if isinstance(want, str):
+                    dim.dim_param = want

@@ -1,0 +1,56 @@
+"""Artifact directory -> `Pipeline`: manifest checks, one engine per graph, the saved processor."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .chain import ChainSpec
+from .errors import ArtifactError
+from .manifest import read_manifest
+from .onnxruntime_backend import OrtEngine, SessionOptions
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime")
+
+
+def _check_io(engine, info, path: Path) -> None:
+    """The graph file must declare exactly the manifest's inputs and outputs, with the same dtypes."""
+    for kind, names, types, tensors in (
+        ("inputs", engine.input_names, engine.input_types, info.inputs),
+        ("outputs", engine.output_names, engine.output_types, info.outputs),
+    ):
+        want = [t.name for t in tensors]
+        if names != want:
+            raise ArtifactError(f"{path}: graph {kind} {names} disagree with the manifest's {want}")
+        for t in tensors:
+            found = types.get(t.name)
+            if found is not None and str(found).removeprefix("torch.") != t.dtype:
+                raise ArtifactError(f"{path}: {kind[:-1]} {t.name} is {found}, the manifest says {t.dtype}")
+
+
+def load_pipeline(cls, path, backend: str, device: str, threads: int, optimization: str, verify: bool):
+    root = Path(path)
+    if backend not in BACKENDS:
+        raise ArtifactError(f"backend must be one of {', '.join(BACKENDS)} for this artifact, got {backend!r}")
+    manifest = read_manifest(root, verify=verify)
+    options = SessionOptions(intra_op_threads=threads, optimization=optimization)
+    engines = {}
+    for name, info in manifest.graphs.items():
+        file = root / info.file
+        engine = OrtEngine(file, options, device)
+        _check_io(engine, info, file)
+        engines[name] = engine
+    try:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(root / manifest.processor))
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{root / manifest.processor}: cannot load the processor ({err})") from err
+    if getattr(processor, "tokenizer", None) is not None:
+        processor.tokenizer.padding_side = "left"
+    pipe = cls(engines, ChainSpec.from_dict(manifest.chain), processor, device=device)
+    pipe.manifest = manifest
+    log.info("loaded %s: %d graphs on %s", root, len(engines), device)
+    return pipe

@@ -1,0 +1,130 @@
+"""The artifact manifest (ARCHITECTURE section 5): a frozen, validated document beside the graphs.
+
+`compiler` writes it; `Pipeline.load` reads it and checks every file against it before running anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ArtifactError
+
+ARTIFACT_FORMAT = "btp-artifact/1"
+MANIFEST = "manifest.json"
+
+
+class TensorInfo(BaseModel):
+    """One graph input or output: name, dtype name (torch spelling) and shape (symbolic dims as strings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+class GraphInfo(BaseModel):
+    """One exported graph and how it was made."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str
+    exporter: str
+    opset: int
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    nodes: int
+    seconds: float = 0.0
+
+
+class FileInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str
+    size: int = Field(ge=0)
+
+
+class BuildOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: str
+    dtype: str
+    opset: int
+    max_batch: int
+    max_prompt: int
+    max_new_tokens: int
+
+
+class Manifest(BaseModel):
+    """Everything needed to load and check an artifact directory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str
+    producer: dict[str, str]
+    model: dict
+    plan: dict
+    chain: dict
+    build: BuildOptions
+    graphs: dict[str, GraphInfo]
+    files: dict[str, FileInfo]
+    processor: str = "processor"
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_table(root: Path, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str, FileInfo]:
+    """sha256 and size of every file under `root` (relative POSIX paths), except `skip`."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in skip:
+            out[rel] = FileInfo(sha256=sha256_file(p), size=p.stat().st_size)
+    return out
+
+
+def read_manifest(root: str | Path, verify: bool = True) -> Manifest:
+    """Read and validate `root/manifest.json`; with `verify`, check every listed file's size and sha256.
+
+    Raises `ArtifactError` naming the file for a missing manifest, an unknown format, a missing file or a
+    file whose size or sha256 differs from the manifest.
+    """
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: no such artifact directory")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; {root} is not a complete btp artifact")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{path}: unreadable manifest ({err})") from err
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{path}: unknown artifact format {found!r}, expected {ARTIFACT_FORMAT!r}")
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise ArtifactError(f"{path}: invalid manifest at {'.'.join(map(str, e['loc']))}: {e['msg']}") from err
+    if verify:
+        for rel, info in manifest.files.items():
+            p = root / rel
+            if not p.is_file():
+                raise ArtifactError(f"{p}: missing (listed in {MANIFEST})")
+            if p.stat().st_size != info.size or sha256_file(p) != info.sha256:
+                raise ArtifactError(f"{p}: contents differ from {MANIFEST} (sha256 mismatch); rebuild the artifact")
+    return manifest

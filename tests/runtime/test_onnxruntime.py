@@ -1,0 +1,115 @@
+"""The ONNX Runtime pipeline against the torch reference, graph by graph and end to end."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from btp.compiler import reference_pipeline
+from btp.runtime import Pipeline
+from btp.runtime.onnxruntime_backend import OrtEngine
+
+PROMPTS = ["What is shown in the image?", "Describe the colours and the shapes of everything you see here."]
+PRESETS = ["none", "btp", "fastv", "pdrop", "divprune"]
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny, artifact):
+    cache = {}
+
+    def get(preset):
+        if preset not in cache:
+            ort_pipe = Pipeline.load(artifact(preset))
+            ref = reference_pipeline(tiny, preset, max_positions=ort_pipe.spec.max_positions)
+            cache[preset] = ort_pipe, ref
+        return cache[preset]
+
+    return get
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_onnxruntime_pipeline_equals_reference(pipelines, images, preset, batch):
+    ort_pipe, ref = pipelines(preset)
+    a = ort_pipe.generate(images[:batch], PROMPTS[:batch], max_new_tokens=32, output_logits=True)
+    b = ref.generate(images[:batch], PROMPTS[:batch], max_new_tokens=32, output_logits=True)
+    if batch == 2:
+        assert len(a.prompt_ids[0]) != len(a.prompt_ids[1])
+    assert (a.logits[0] - b.logits[0]).abs().max().item() <= 1e-4
+    assert a.kept_indices == b.kept_indices
+    assert a.token_ids == b.token_ids
+    assert len(a.token_ids[0]) == 32 or a.token_ids[0][-1] in ort_pipe.spec.eos_token_ids
+
+
+def _capture(pipe, images, prompts, steps):
+    """Feeds of every engine call in a real run: name -> list of feed dicts."""
+    seen = {}
+    originals = {}
+    for name, engine in pipe.engines.items():
+        originals[name] = engine.run
+
+        def spy(feeds, _name=name, _run=engine.run):
+            seen.setdefault(_name, []).append({k: v.clone() for k, v in feeds.items()})
+            return _run(feeds)
+
+        engine.run = spy
+    try:
+        pipe.generate(images, prompts, max_new_tokens=steps)
+    finally:
+        for name, engine in pipe.engines.items():
+            engine.run = originals[name]
+    return seen
+
+
+@pytest.mark.parametrize("preset", ["btp", "divprune"])
+def test_every_graph_equals_its_torch_module_on_captured_inputs(pipelines, images, preset):
+    ort_pipe, ref = pipelines(preset)
+    feeds = _capture(ref, images, PROMPTS, steps=3)
+    assert set(feeds) == set(ort_pipe.engines)
+    for name, calls in feeds.items():
+        for feed in calls:  # prefill and decode shapes alike
+            want = ref.engines[name].run(feed)
+            got = ort_pipe.engines[name].run(feed)
+            assert list(got) == list(want)
+            for key in want:
+                w, g = want[key], got[key]
+                assert g.shape == w.shape and g.dtype == w.dtype, (name, key)
+                if w.dtype.is_floating_point:
+                    assert (g - w).abs().max().item() <= 1e-4, (name, key)
+                else:
+                    assert torch.equal(g, w), (name, key)
+
+
+def test_prune_graph_has_topk_no_nonzero_and_symbolic_output_shapes(artifact):
+    import onnx
+
+    model = onnx.load(str(artifact("btp") / "onnx" / "prune1.onnx"), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    assert "TopK" in ops and "GatherElements" in ops
+    assert not ops & {"NonZero", "Unique", "Loop"}
+    dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert dims["pruned_hidden_states"] == ["batch", "seq - 32", 64]  # T - 64 + 32
+    assert dims["pruned_position_ids"] == ["batch", "seq - 32"]
+    assert dims["keep_indices"] == ["batch", 32]
+    stage = onnx.load(str(artifact("btp") / "onnx" / "stage1.onnx"), load_external_data=False)
+    sdims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in stage.graph.output}
+    assert sdims["present.1.key"] == ["batch", 2, "past + seq", 16]
+
+
+def test_concurrent_generate_calls_match_sequential(pipelines, images):
+    pipe, _ = pipelines("btp")
+    prompts = [["What is shown?", "Describe."], ["Where is the red circle?", "Hi"], ["Colours?", "Shapes?"]]
+    expected = [pipe.generate(images, p, max_new_tokens=6).token_ids for p in prompts]
+
+    def worker(_):
+        return [pipe.generate(images, p, max_new_tokens=6).token_ids for p in prompts]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(worker, range(4)))
+    assert all(r == expected for r in results)
+
+
+def test_engine_reports_the_graph_io(artifact):
+    engine = OrtEngine(artifact("btp") / "onnx" / "prune2.onnx")
+    assert engine.input_names == ["hidden_states", "position_ids", "attention_mask", "scores", "image_start"]
+    assert engine.output_names[-1] == "keep_indices"

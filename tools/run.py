@@ -1,0 +1,74 @@
+"""`btp-run OUT --image PATH --prompt TEXT`: answer a question about an image with a compiled artifact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from btp.runtime import InputError, Pipeline
+from btp.runtime.cli import run_main
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="btp-run", description=__doc__)
+    p.add_argument("artifact", help="artifact directory written by btp-compile")
+    p.add_argument("--image", required=True, help="image file (any format Pillow reads)")
+    p.add_argument("--prompt", required=True, help="question; wrapped in the model's chat template unless it "
+                   "already holds the <image> placeholder")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--backend", default="auto", help="auto or onnxruntime (default: auto)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--explain", metavar="FILE.png", help="draw the patches kept at each stage over the image")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return p
+
+
+def open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: no such image file") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"{path}: not a readable image ({type(err).__name__})") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+
+    def body() -> int:
+        pipe = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads)
+        image = open_image(args.image)
+        if args.json:
+            out = pipe.generate([image], [args.prompt], max_new_tokens=args.max_new_tokens)
+            doc = {"text": out.texts[0], "token_ids": out.token_ids[0],
+                   "kept_indices": {s.prune: k for s, k in zip(pipe.spec.prunes, out.kept_indices[0])},
+                   "timings": out.timings}
+            print(json.dumps(doc))
+            kept = out.kept_indices[0]
+        else:
+            stream = pipe.stream(image, args.prompt, max_new_tokens=args.max_new_tokens)
+            for piece in stream:
+                print(piece, end="", flush=True)
+            print()
+            kept = stream.kept_indices
+            n0 = pipe.spec.image_tokens
+            summary = ", ".join(f"{s.prune} {len(k)}" for s, k in zip(pipe.spec.prunes, kept)) or "none"
+            print(f"image tokens kept (of {n0}): {summary}", file=sys.stderr)
+        if args.explain:
+            from .explain import explain_figure
+
+            titles = [s.prune for s in pipe.spec.prunes]
+            explain_figure(image, kept, pipe.spec.grid, titles, args.explain)
+            print(f"wrote {args.explain}", file=sys.stderr)
+        return 0
+
+    return run_main(body, args.debug, "btp-run")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
