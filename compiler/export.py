@@ -19,6 +19,8 @@ from torch.export import Dim
 
 from btp.graphs import GraphSpec
 
+from .loops import expand_fill_loops, fill_translation
+
 log = logging.getLogger(__name__)
 
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -130,11 +132,13 @@ def export_graph(module: nn.Module, path: Path, *, limits: Limits, opset: int, i
             module, tuple(items), dynamo=True, opset_version=opset,
             input_names=spec.input_names, output_names=spec.output_names,
             dynamic_shapes=_structure(module, n_fixed, dyn), verbose=False,
+            custom_translation_table={torch.ops.btp.farthest_point_fill.default: fill_translation()},
         )
         external = _param_bytes(module) > EXTERNAL_DATA_BYTES
         program.save(str(path), external_data=external)
     # Only the graph proto is rewritten: external weights stay where the exporter put them.
     model = onnx.load(str(path), load_external_data=False)
+    expand_fill_loops(model)
     _name_dims(model, spec)
     path.write_bytes(model.SerializeToString())
     onnx.checker.check_model(str(path), full_check=False)

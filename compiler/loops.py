@@ -1,0 +1,118 @@
+"""The greedy max-min fill (`btp::farthest_point_fill`) as an ONNX Loop with a constant trip count.
+
+The dynamo exporter cannot turn a Python for-loop into a Loop, and unrolled picks cost a Shape/Expand/
+Gather chain each. So the op is exported as one placeholder node, `btp.FarthestPointFill`, which
+`expand_fill_loops` replaces by a counted Loop: state (chosen, mind), no scan outputs, no condition (a plain
+counted loop for the TensorRT parser), the picked row read with GatherND(batch_dims=1). Measured on ONNX
+Runtime CPU at llava-bench sizes (N=576, 58 picks): 0.74 ms against 1.25 ms unrolled, 15 nodes against 702.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DOMAIN = "btp"
+OP = "FarthestPointFill"
+
+
+def _register_schema() -> None:
+    """The placeholder needs a schema for the exporter's op builder; it never reaches a saved graph."""
+    if onnx.defs.has(OP, DOMAIN):
+        return
+    schema = onnx.defs.OpSchema(
+        OP, DOMAIN, 1,
+        inputs=[onnx.defs.OpSchema.FormalParameter("dist", "tensor(float)"),
+                onnx.defs.OpSchema.FormalParameter("chosen", "tensor(bool)")],
+        outputs=[onnx.defs.OpSchema.FormalParameter("chosen_out", "tensor(bool)")],
+        attributes=[onnx.defs.OpSchema.Attribute("picks", onnx.defs.OpSchema.AttrType.INT, "greedy picks")],
+    )
+    onnx.defs.register_schema(schema)
+
+
+def fill_translation():
+    """The exporter's translation of `torch.ops.btp.farthest_point_fill` into the placeholder node."""
+    from onnxscript import values
+
+    _register_schema()
+    btp = values.Opset(DOMAIN, 1)
+
+    def farthest_point_fill(dist, chosen, picks: int):
+        return btp.FarthestPointFill(dist, chosen, picks=picks)
+
+    return farthest_point_fill
+
+
+def _loop_nodes(node: onnx.NodeProto, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes and constants that compute `node` (a FarthestPointFill) with a Loop."""
+    picks = next(a.i for a in node.attribute if a.name == "picks")
+    dist, chosen = node.input
+    (out,) = node.output
+    n = lambda name: f"{prefix}{name}"  # noqa: E731 - short local namer
+    consts = [
+        numpy_helper.from_array(np.array(picks, np.int64), n("trip_count")),
+        numpy_helper.from_array(np.array(4.0, np.float32), n("far")),
+        numpy_helper.from_array(np.array(-1.0, np.float32), n("taken")),
+        numpy_helper.from_array(np.array(0, np.int64), n("zero")),
+        numpy_helper.from_array(np.array(1, np.int64), n("one")),
+        numpy_helper.from_array(np.array([0], np.int64), n("axis0")),
+        numpy_helper.from_array(np.array([1], np.int64), n("axis1")),
+        numpy_helper.from_array(np.array([2], np.int64), n("axis2")),
+    ]
+    outer = [
+        helper.make_node("Shape", [dist], [n("shape")]),
+        helper.make_node("Gather", [n("shape"), n("one")], [n("count")], axis=0),
+        helper.make_node("Range", [n("zero"), n("count"), n("one")], [n("range")]),
+        helper.make_node("Unsqueeze", [n("range"), n("axis0")], [n("positions")]),  # [1,N]
+        helper.make_node("Unsqueeze", [chosen, n("axis2")], [n("chosen_rows")]),  # [B,N,1]
+        helper.make_node("Where", [n("chosen_rows"), dist, n("far")], [n("chosen_dist")]),
+        helper.make_node("ReduceMin", [n("chosen_dist"), n("axis1")], [n("mind")], keepdims=0),  # [B,N]
+    ]
+    body = helper.make_graph(
+        [
+            helper.make_node("Where", [n("c_in"), n("taken"), n("m_in")], [n("masked")]),
+            helper.make_node("ArgMax", [n("masked")], [n("pick")], axis=1, keepdims=1),  # [B,1], first max
+            helper.make_node("Equal", [n("positions"), n("pick")], [n("hit")]),
+            helper.make_node("Or", [n("c_in"), n("hit")], [n("c_out")]),
+            helper.make_node("GatherND", [dist, n("pick")], [n("row")], batch_dims=1),  # [B,N]
+            helper.make_node("Min", [n("m_in"), n("row")], [n("m_out")]),
+            helper.make_node("Identity", [n("cond_in")], [n("cond_out")]),
+        ],
+        f"{prefix}body",
+        [
+            helper.make_tensor_value_info(n("iter"), TensorProto.INT64, []),
+            helper.make_tensor_value_info(n("cond_in"), TensorProto.BOOL, []),
+            helper.make_tensor_value_info(n("c_in"), TensorProto.BOOL, None),
+            helper.make_tensor_value_info(n("m_in"), TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info(n("cond_out"), TensorProto.BOOL, []),
+            helper.make_tensor_value_info(n("c_out"), TensorProto.BOOL, None),
+            helper.make_tensor_value_info(n("m_out"), TensorProto.FLOAT, None),
+        ],
+    )
+    loop = helper.make_node("Loop", [n("trip_count"), "", chosen, n("mind")], [out, n("mind_final")],
+                            name=f"{prefix}loop", body=body)
+    return [*outer, loop], consts
+
+
+def expand_fill_loops(model: onnx.ModelProto) -> int:
+    """Replace every `btp.FarthestPointFill` node of `model` (in place) by its Loop; returns how many."""
+    graph = model.graph
+    nodes, count = [], 0
+    for node in graph.node:
+        if node.domain == DOMAIN and node.op_type == OP:
+            new, consts = _loop_nodes(node, f"fill{count}/")
+            nodes += new
+            graph.initializer.extend(consts)
+            count += 1
+        else:
+            nodes.append(node)
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        keep = [o for o in model.opset_import if o.domain != DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+    return count
