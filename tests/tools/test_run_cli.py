@@ -54,3 +54,9 @@ def test_bad_input_exits_2_with_one_line(art, capsys, args, message):
 def test_not_an_artifact_exits_2(tmp_path, capsys):
     assert run.main([str(tmp_path), "--image", SAMPLE, "--prompt", "Hi"]) == 2
     assert "manifest.json: missing" in capsys.readouterr().err
+
+
+def test_missing_image_is_a_usage_error(art, capsys):
+    with pytest.raises(SystemExit) as err:
+        run.main([art, "--prompt", "What is shown?"])
+    assert err.value.code == 2 and "--image" in capsys.readouterr().err
