@@ -1,0 +1,304 @@
+"""Calibration (BTP.md section 4): per-layer statistics of the unpruned model, the paper's boundary rule,
+and a plan search against a token or FLOPs target that starts from the rule's plan.
+
+Statistics come from the same `graphs` modules the reference runs, one decoder layer at a time: for every
+layer, the number of image tokens whose hidden state turns by more than `tau` (cosine below it) and the
+last prompt token's attention mass on the image span.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from btp.graphs.layers import additive_mask
+from btp.runtime.errors import InputError, PlanError
+
+from .assemble import build_graphs
+from .calibration_data import Sample
+from .plan import FORMAT, Plan, Stage
+from .presets import model_info, resolve_plan
+from .reference import reference_pipeline
+from .schedule import boundaries_from_drift, stage_keeps, stage_recipes
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Profile:
+    """Per-layer calibration statistics averaged over samples (index = 0-based decoder layer)."""
+
+    drift: list[float]
+    attention: list[float]
+    samples: int
+    tau: float
+    text_tokens: float
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the schedule must meet: layer-averaged image `tokens`, a `retention` share of them, or a
+    `flops` share of the unpruned decoder FLOPs. At most one is set; none keeps the published schedule."""
+
+    tokens: float | None = None
+    retention: float | None = None
+    flops: float | None = None
+
+    def __post_init__(self):
+        if sum(v is not None for v in (self.tokens, self.retention, self.flops)) > 1:
+            raise PlanError("give at most one of --tokens, --retention, --flops")
+        for name in ("retention", "flops"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v <= 1:
+                raise PlanError(f"--{name} must be a fraction in (0, 1], got {v}")
+        if self.tokens is not None and self.tokens < 0:
+            raise PlanError(f"--tokens must be >= 0, got {self.tokens}")
+
+    def describe(self) -> dict:
+        return {k: v for k, v in (("tokens", self.tokens), ("retention", self.retention), ("flops", self.flops))
+                if v is not None}
+
+
+def _batches(samples: Sequence[Sample], size: int):
+    for i in range(0, len(samples), size):
+        yield samples[i : i + size]
+
+
+def _prepare(pipe, batch: Sequence[Sample]):
+    try:
+        return pipe.prepare([s.image for s in batch], [s.prompt for s in batch])
+    except InputError as err:
+        # Name the sample: the batch is small, so find the one the model cannot take.
+        for s in batch:
+            try:
+                pipe.prepare([s.image], [s.prompt])
+            except InputError as one:
+                raise InputError(f"{s.source}: {one}") from err
+        raise
+
+
+@torch.inference_mode()
+def collect_profile(model, samples: Sequence[Sample], tau: float = 0.93, batch_size: int = 8,
+                    progress: Progress | None = None) -> Profile:
+    """One unpruned pass per sample, layer by layer -> mean drift count and attention mass per layer."""
+    if not 0 < tau < 1:
+        raise PlanError(f"--tau must be in (0, 1), got {tau}")
+    graphs, spec = build_graphs(model, resolve_plan("none", model))
+    pipe = reference_pipeline(model, "none")
+    stage = graphs["stage0"]
+    n0, depth = spec.image_tokens, len(stage.layers)
+    drift = torch.zeros(depth, dtype=torch.float64)
+    mass = torch.zeros(depth, dtype=torch.float64)
+    text_tokens, done = 0.0, 0
+    for batch in _batches(samples, batch_size):
+        inp = _prepare(pipe, batch)
+        b, t = inp.input_ids.shape
+        feats = graphs["vision"](inp.pixel_values)
+        h = graphs["embed"](inp.input_ids, feats)
+        pos = (inp.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        cos, sin = stage.rotary(pos, h.dtype)
+        mask = additive_mask(inp.attention_mask, t)
+        span = inp.image_start[:, None] + torch.arange(n0)[None, :]  # [B,N0]
+        empty = torch.zeros(b, stage.num_kv_heads, 0, stage.head_dim, dtype=h.dtype)
+        for i, layer in enumerate(stage.layers):
+            before = h.gather(1, span[:, :, None].expand(-1, -1, h.shape[2])).float()
+            h, _, _, probs = layer(h, cos, sin, mask, empty, empty, "probs")
+            after = h.gather(1, span[:, :, None].expand(-1, -1, h.shape[2])).float()
+            similarity = torch.nn.functional.cosine_similarity(before, after, dim=-1)  # [B,N0]
+            drift[i] += (similarity < tau).sum().item()
+            mass[i] += probs.gather(1, span).sum().item()
+        text_tokens += float((inp.attention_mask.sum(1) - n0).sum())
+        done += b
+        if progress:
+            progress(done, len(samples))
+    return Profile(drift=(drift / done).tolist(), attention=(mass / done).tolist(), samples=done, tau=tau,
+                   text_tokens=text_tokens / done)
+
+
+# ------------------------------------------------------------------------------------------------ plans
+@dataclass(frozen=True)
+class Genome:
+    """The searched knobs of a schedule: boundaries, the budget ratio between stages, the attention share."""
+
+    layers: tuple[int, ...]
+    ratio: float = 0.5
+    lambda_start: float = 0.6
+
+
+def plan_from(model, genome: Genome, target: Target, text_tokens: int, floor: int = 0,
+              calibration: dict | None = None) -> Plan:
+    """Budgets (last stage solved for `target`) and recipes for `genome` -> a validated plan."""
+    info = model_info(model)
+    n0, depth = info.image_tokens, info.num_layers
+    layers = list(genome.layers)
+    kwargs: dict = {"ratio": genome.ratio, "floor": floor}
+    if target.tokens is not None or target.retention is not None:
+        kwargs["target_tokens"] = target.tokens if target.tokens is not None else target.retention * n0
+    elif target.flops is not None:
+        d, m = model.hidden_size, model.intermediate_size
+        full = Plan(format=FORMAT, model=info).flops(d, m, text_tokens)
+        kwargs["cost"] = lambda per_layer: sum(_layer_flops(n + text_tokens, d, m) for n in per_layer)
+        kwargs["target_cost"] = target.flops * full
+    try:
+        keeps = _keeps_for_target(n0, layers, depth, kwargs)
+        dicts = stage_recipes(keeps, layers, n0, info.grid[0] == info.grid[1], lambda_start=genome.lambda_start)
+    except ValueError as err:
+        raise PlanError(str(err)) from err
+    return Plan(format=FORMAT, model=info, score="logits", stages=tuple(Stage(**d) for d in dicts),
+                calibration=calibration)
+
+
+def _keeps_for_target(n0: int, layers: list[int], depth: int, kwargs: dict) -> list[int]:
+    """`stage_keeps` at the genome's ratio; when its target is out of reach there, at the nearest ratio
+    (0.05..0.95) that reaches it, so that low or high targets still get the rule's boundaries."""
+    try:
+        return stage_keeps(n0, layers, depth, **kwargs)
+    except ValueError as first:
+        if "target_tokens" not in kwargs and "target_cost" not in kwargs:
+            raise
+        ratio = kwargs["ratio"]
+        for r in sorted((x / 100 for x in range(5, 96)), key=lambda x: (abs(x - ratio), x)):
+            try:
+                return stage_keeps(n0, layers, depth, **{**kwargs, "ratio": r})
+            except ValueError:
+                continue
+        raise first
+
+
+def _layer_flops(n: int, d: int, m: int) -> float:
+    from .cost import decoder_flops
+
+    return decoder_flops(n, d, m)
+
+
+def rule_genome(profile: Profile, stages: int = 4, lambda_start: float = 0.6) -> Genome:
+    return Genome(tuple(boundaries_from_drift(profile.drift, stages)), 0.5, lambda_start)
+
+
+# ------------------------------------------------------------------------------------------------ distortion
+@dataclass
+class Reference:
+    """Unpruned outputs per sample: last-position logits `[S,V]` and last-layer hidden states `[S,D]`."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+def _run_outputs(model, plan: Plan, samples: Sequence[Sample], batch_size: int) -> Reference:
+    pipe = reference_pipeline(model, plan)
+    head = pipe.engines["head"]
+    captured: list[torch.Tensor] = []
+    run = head.run
+
+    def spy(feeds):
+        captured.append(feeds["hidden_states"][:, -1].float())
+        return run(feeds)
+
+    head.run = spy
+    logits = []
+    try:
+        for batch in _batches(samples, batch_size):
+            _prepare(pipe, batch)
+            logits.append(pipe.prefill([s.image for s in batch], [s.prompt for s in batch]).logits.float())
+    finally:
+        head.run = run
+    return Reference(torch.cat(logits), torch.cat(captured))
+
+
+def reference_outputs(model, samples: Sequence[Sample], batch_size: int = 8) -> Reference:
+    return _run_outputs(model, resolve_plan("none", model), samples, batch_size)
+
+
+def distortion(model, plan: Plan, samples: Sequence[Sample], ref: Reference, batch_size: int = 8) -> dict:
+    """Mean KL(unpruned || pruned) of the next-token distribution and mean cosine of the last-layer hidden
+    state of the last prompt token, over `samples`."""
+    out = _run_outputs(model, plan, samples, batch_size)
+    p = torch.log_softmax(ref.logits, -1)
+    q = torch.log_softmax(out.logits, -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    cos = torch.nn.functional.cosine_similarity(ref.hidden, out.hidden, dim=-1).mean().item()
+    return {"kl": max(kl, 0.0), "cosine": cos}
+
+
+def score(d: dict) -> float:
+    """One number to minimise: KL plus the hidden-state cosine gap."""
+    return d["kl"] + (1.0 - d["cosine"])
+
+
+# ------------------------------------------------------------------------------------------------ search
+@dataclass
+class SearchResult:
+    best: Genome
+    plan: Plan
+    distortion: dict
+    evaluations: int
+    history: list[tuple[Genome, float]] = field(default_factory=list)
+
+
+def neighbours(g: Genome, depth: int) -> list[Genome]:
+    """Moves of one knob: each boundary one layer either way, the stage ratio by 0.05, lambda by 0.1."""
+    out = []
+    for i in range(len(g.layers)):
+        for step in (-1, 1):
+            layers = list(g.layers)
+            layers[i] += step
+            if all(0 < a < b < depth for a, b in zip(layers, layers[1:])) and 0 < layers[0] and layers[-1] < depth:
+                out.append(Genome(tuple(layers), g.ratio, g.lambda_start))
+    for step in (-0.05, 0.05):
+        r = round(g.ratio + step, 2)
+        if 0.2 <= r <= 0.8:
+            out.append(Genome(g.layers, r, g.lambda_start))
+    for step in (-0.1, 0.1):
+        lam = round(g.lambda_start + step, 2)
+        if 0.0 <= lam <= 1.0:
+            out.append(Genome(g.layers, g.ratio, lam))
+    return out
+
+
+def search(model, start: Genome, target: Target, text_tokens: int, samples: Sequence[Sample], ref: Reference,
+           budget_evals: int = 24, floor: int = 0, batch_size: int = 8,
+           progress: Progress | None = None) -> SearchResult:
+    """First-improvement hill climbing from `start` under `target`; never returns a plan worse than `start`
+    on `samples` (the start is evaluated first and only strict improvements are accepted)."""
+    if budget_evals < 1:
+        raise PlanError(f"--budget-evals must be >= 1, got {budget_evals}")
+    depth = model.num_layers
+    seen: dict[Genome, float] = {}
+    plans: dict[Genome, tuple[Plan, dict]] = {}
+
+    def evaluate(g: Genome) -> float:
+        if g in seen:
+            return seen[g]
+        try:
+            plan = plan_from(model, g, target, text_tokens, floor)
+        except PlanError:
+            seen[g] = math.inf
+            return math.inf
+        d = distortion(model, plan, samples, ref, batch_size)
+        seen[g] = score(d)
+        plans[g] = (plan, d)
+        if progress:
+            progress(len(plans), budget_evals)
+        return seen[g]
+
+    best, best_score = start, evaluate(start)
+    if best_score == math.inf:
+        raise PlanError("the rule's plan does not meet the target; nothing to search from")
+    improved = True
+    while improved and len(plans) < budget_evals:
+        improved = False
+        for g in neighbours(best, depth):
+            if len(plans) >= budget_evals:
+                break
+            s = evaluate(g)
+            if s < best_score - 1e-9:
+                best, best_score, improved = g, s, True
+                break
+    plan, d = plans[best]
+    return SearchResult(best, plan, d, len(plans), [(g, s) for g, s in seen.items() if s < math.inf])

@@ -1,0 +1,217 @@
+"""From a per-layer drift profile to a BTP plan's stages: the calibration rule of `btp-calibrate` (BTP.md section 4).
+
+Pure functions over plain numbers (no torch): `interpolate_profile` -> `boundaries_from_drift` -> `stage_keeps`
+-> `stage_recipes`, whose dicts are `Stage(**d)` of a `Plan`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+_EPS = 1e-9
+
+
+def _round(x: float | Fraction) -> int:
+    """Round half up (deterministic, unlike Python's banker's rounding)."""
+    return math.floor(x + Fraction(1, 2)) if isinstance(x, Fraction) else math.floor(x + 0.5)
+
+
+def interpolate_profile(points: dict[int, float], num_layers: int) -> list[float]:
+    """Per-layer values from `points` keyed by 1-based layer: linear between points, constant outside.
+
+    Returns `num_layers` values indexed by 0-based layer.
+    """
+    if not points:
+        raise ValueError("interpolate_profile: no points given")
+    if num_layers < 1:
+        raise ValueError(f"interpolate_profile: num_layers must be at least 1, got {num_layers}")
+    xs = sorted(points)
+    out = []
+    for layer in range(1, num_layers + 1):
+        if layer <= xs[0]:
+            out.append(float(points[xs[0]]))
+        elif layer >= xs[-1]:
+            out.append(float(points[xs[-1]]))
+        else:
+            hi = next(i for i, x in enumerate(xs) if x >= layer)
+            x0, x1 = xs[hi - 1], xs[hi]
+            y0, y1 = points[x0], points[x1]
+            out.append(float(y0 + (y1 - y0) * (layer - x0) / (x1 - x0)))
+    return out
+
+
+def major_shifts(drift: Sequence[float], level: float = 0.45) -> list[tuple[int, int]]:
+    """Maximal runs `(first, last)` (0-based, inclusive) of layers with drift >= `level * max(drift)`."""
+    top = max(drift, default=0.0)
+    if top <= 0:
+        return []
+    runs: list[tuple[int, int]] = []
+    start = None
+    for i, d in enumerate(list(drift) + [-math.inf]):
+        if d >= level * top and start is None:
+            start = i
+        elif d < level * top and start is not None:
+            runs.append((start, i - 1))
+            start = None
+    return runs
+
+
+def _cuts(start: Fraction, die: Fraction, stages: int) -> list[Fraction]:
+    """Anchors at the shift start and die-out, plus evenly spaced cuts in the prefix and the middle span."""
+    if stages == 1:
+        return [die]
+    extra = stages - 2
+    p, q = (extra + 1) // 2, extra // 2
+    prefix = [start * j / (p + 1) for j in range(1, p + 1)]
+    middle = [start + (die - start) * j / (q + 1) for j in range(1, q + 1)]
+    return [*prefix, start, *middle, die]
+
+
+def boundaries_from_drift(drift: Sequence[float], stages: int = 4) -> list[int]:
+    """First-reduced layers (0-based, strictly increasing, in [1, L-1]) for `stages` stages.
+
+    Rule (prune right before and after the major shifts, never inside one, last cut where drift died out):
+    M = max drift, shifts = `major_shifts(drift)`; `start` = first layer of the first shift (cut right before it);
+    `die` = first layer after the last shift with drift < 0.10*M (L-1 if none). Four stages give
+    `[round(start/2), start, round((start+die)/2), die]`; other counts keep the anchors and halve the prefix and
+    middle spans with ceil/floor of (stages-2)/2 evenly spaced cuts (one stage: `[die]`). A cut strictly inside a
+    shift moves to its end+1 or its start, whichever is nearer (ties: end+1; start when end+1 is past L-1).
+    Then cuts are made strictly increasing in [1, L-1] by bumping forward; a bump landing inside a shift skips
+    to its end+1 when that is in range; ValueError when they do not fit. A flat profile (M <= 0 or
+    max-min <= 0.05*M) has no shift: anchors at depth 6/32 and 22/32 (4 stages: 3, 6, 14, 22 of 32).
+    Rounding is half up; the result depends only on `drift` and `stages`.
+    """
+    n = len(drift)
+    if stages < 1:
+        raise ValueError(f"boundaries_from_drift: stages must be at least 1, got {stages}")
+    if n - 1 < stages:
+        raise ValueError(f"boundaries_from_drift: {n} layers cannot hold {stages} boundaries in [1, {n - 1}]")
+    top = max(drift)
+    runs = [] if top <= 0 or top - min(drift) <= 0.05 * top else major_shifts(drift)
+    if runs:
+        start = runs[0][0]
+        after = runs[-1][1] + 1
+        die = next((i for i in range(after, n) if drift[i] < 0.10 * top), n - 1)
+        raw = [_round(c) for c in _cuts(Fraction(start), Fraction(die), stages)]
+    else:
+        raw = [_round(c) for c in _cuts(Fraction(6 * n, 32), Fraction(22 * n, 32), stages)]
+
+    def inside(b: int) -> tuple[int, int] | None:
+        return next(((s, e) for s, e in runs if s < b <= e), None)
+
+    moved = []
+    for b in raw:
+        run = inside(b)
+        if run is not None:
+            s, e = run
+            b = e + 1 if (e + 1 - b <= b - s and e + 1 <= n - 1) else s
+        moved.append(b)
+    out: list[int] = []
+    for b in moved:
+        b = max(b, out[-1] + 1 if out else 1)
+        run = inside(b)
+        if run is not None and run[1] + 1 <= n - 1:
+            b = run[1] + 1
+        if b > n - 1:
+            raise ValueError(f"boundaries_from_drift: {stages} boundaries do not fit in [1, {n - 1}] "
+                             f"around the shifts {runs}")
+        out.append(b)
+    return out
+
+
+def _layer_tokens(n0: int, layers: list[int], keeps: list[int], num_layers: int) -> list[int]:
+    counts, alive, s = [], n0, 0
+    for layer in range(num_layers):
+        if s < len(layers) and layers[s] == layer:
+            alive, s = keeps[s], s + 1
+        counts.append(alive)
+    return counts
+
+
+def stage_keeps(n0: int, layers: list[int], num_layers: int, *, ratio: float = 0.5, target_tokens: float | None = None,
+                floor: int = 0, cost: Callable[[list[int]], float] | None = None,
+                target_cost: float | None = None) -> list[int]:
+    """Image tokens kept per stage, strictly decreasing, each in [0, n0).
+
+    `round(n0 * ratio**(s+1))` for every stage but the last; the last keeps `floor`, or is solved (integer, in
+    [floor, previous keep - 1]) so the layer-averaged image tokens come closest to `target_tokens`, or so that
+    `cost(per_layer_tokens)` (monotonic in tokens) comes closest to `target_cost`. ValueError when unreachable.
+    """
+    if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(f"stage_keeps: layers {layers} must be non-empty, strictly increasing, in [0, {num_layers})")
+    if not 0 < ratio < 1:
+        raise ValueError(f"stage_keeps: ratio must be in (0, 1), got {ratio}")
+    if target_tokens is not None and (cost is not None or target_cost is not None):
+        raise ValueError("stage_keeps: give target_tokens or cost/target_cost, not both")
+    if (cost is None) != (target_cost is None):
+        raise ValueError("stage_keeps: cost and target_cost go together")
+    keeps = [_round(n0 * ratio ** (s + 1)) for s in range(len(layers) - 1)]
+    lo, hi = floor, (keeps[-1] if keeps else n0) - 1
+    if any(b >= a for a, b in zip([n0, *keeps], keeps)) or floor < 0 or lo > hi:
+        raise ValueError(f"stage_keeps: {n0} image tokens cannot give {len(layers)} strictly decreasing keeps "
+                         f"at ratio {ratio} with floor {floor}")
+
+    def tokens(k: int) -> list[int]:
+        return _layer_tokens(n0, layers, [*keeps, k], num_layers)
+
+    if target_tokens is not None:
+        avg_lo, avg_hi = (sum(tokens(k)) / num_layers for k in (lo, hi))
+        if not avg_lo - _EPS <= target_tokens <= avg_hi + _EPS:
+            raise ValueError(f"stage_keeps: target_tokens {target_tokens:g} is unreachable: the layer average "
+                             f"ranges from {avg_lo:g} to {avg_hi:g} (last keep {lo}..{hi})")
+        fixed = sum(tokens(0))
+        last = _round((target_tokens * num_layers - fixed) / (num_layers - layers[-1]))
+        return [*keeps, min(hi, max(lo, last))]
+    if cost is not None:
+        c_lo, c_hi = cost(tokens(lo)), cost(tokens(hi))
+        tol = _EPS * max(abs(c_lo), abs(c_hi), 1.0)
+        if not c_lo - tol <= target_cost <= c_hi + tol:
+            raise ValueError(f"stage_keeps: target_cost {target_cost:g} is unreachable: the cost ranges from "
+                             f"{c_lo:g} to {c_hi:g} (last keep {lo}..{hi})")
+        a, b = lo, hi  # smallest k with cost(k) >= target_cost
+        while a < b:
+            mid = (a + b) // 2
+            a, b = (mid + 1, b) if cost(tokens(mid)) < target_cost else (a, mid)
+        if a > lo and target_cost - cost(tokens(a - 1)) < cost(tokens(a)) - target_cost:
+            a -= 1
+        return [*keeps, a]
+    return [*keeps, floor]
+
+
+def stage_recipes(keeps: list[int], layers: list[int], n0: int, square: bool, lambda_start: float = 0.6,
+                  rhos: Sequence[float] = (3.7, 1.5, 1.2)) -> list[dict]:
+    """One Plan `Stage` dict per stage (keys layer, keep, spatial, attention, rho, rebalance, lambda).
+
+    `lambda` rises linearly from `lambda_start` (first stage) to 1.0 (last stage keeping tokens; a lone one gets
+    `lambda_start`); keep-0 stages get no picks and lambda None. spatial = keep // 2 at the first stage on a square
+    grid; attention = floor(lambda * (keep - spatial)); rho from `rhos` (last repeated), lowered so that
+    ceil(rho * attention) <= alive - spatial (1.0 without attention). A first stage at layer 0 is diversity-only
+    (spatial = attention = 0, lambda 0).
+    """
+    if len(keeps) != len(layers):
+        raise ValueError(f"stage_recipes: {len(keeps)} keeps for {len(layers)} layers")
+    if not 0 <= lambda_start <= 1 or not rhos:
+        raise ValueError(f"stage_recipes: lambda_start must be in [0, 1] and rhos non-empty, got {lambda_start}")
+    live = sum(1 for k in keeps if k > 0)
+    out, alive = [], n0
+    for s, (layer, keep) in enumerate(zip(layers, keeps)):
+        if keep == 0:
+            lam, spatial, attention = None, 0, 0
+        elif s == 0 and layer == 0:
+            lam, spatial, attention = 0.0, 0, 0
+        else:
+            lam = round(lambda_start + (1.0 - lambda_start) * s / (live - 1), 6) if live > 1 else lambda_start
+            spatial = keep // 2 if s == 0 and square else 0
+            attention = math.floor(lam * (keep - spatial) + _EPS)
+        rho = 1.0
+        if attention:
+            rho = max(1.0, float(rhos[min(s, len(rhos) - 1)]))
+            room = alive - spatial
+            if math.ceil(rho * attention - _EPS) > room:
+                rho = max(1.0, math.floor(room / attention * 1e4) / 1e4)
+        out.append({"layer": layer, "keep": keep, "spatial": spatial, "attention": attention, "rho": rho,
+                    "rebalance": attention > 0, "lambda": lam})
+        alive = keep
+    return out

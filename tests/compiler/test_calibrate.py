@@ -1,0 +1,110 @@
+"""btp-calibrate: statistics, the rule's plan against a target, the search, outputs and bad data."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from btp.compiler import Plan, calibrate_cli
+from btp.compiler.calibrate import Genome, Target, collect_profile, distortion, plan_from, reference_outputs, search
+from btp.compiler.calibration_data import builtin_samples, split
+
+
+@pytest.fixture(scope="module")
+def data():
+    return split(builtin_samples(12, seed=3), 0.25)
+
+
+@pytest.fixture(scope="module")
+def profile(tiny, data):
+    return collect_profile(tiny, data[0], tau=0.93, batch_size=4)
+
+
+def test_profile_has_one_value_per_layer(tiny, profile, data):
+    assert len(profile.drift) == len(profile.attention) == tiny.num_layers
+    assert all(0 <= d <= tiny.image_tokens for d in profile.drift)
+    assert all(0 < a <= 1 for a in profile.attention)
+    assert profile.samples == len(data[0]) and profile.text_tokens > 1
+    loose = collect_profile(tiny, data[0][:4], tau=0.2)
+    strict = collect_profile(tiny, data[0][:4], tau=0.999)
+    assert sum(loose.drift) < sum(strict.drift)  # a higher tau counts more tokens as drifting
+
+
+@pytest.mark.parametrize("target", [Target(retention=0.25), Target(tokens=12.0), Target(flops=0.5)])
+def test_rule_plan_meets_its_target_within_2_percent(tiny, profile, target):
+    text = round(profile.text_tokens)
+    plan = plan_from(tiny, Genome((1, 2, 3, 5)), target, text)
+    avg = plan.average_image_tokens()
+    if target.flops is not None:
+        full = Plan.parse(json.loads(plan.to_json()) | {"stages": []}).flops(tiny.hidden_size,
+                                                                             tiny.intermediate_size, text)
+        got = plan.flops(tiny.hidden_size, tiny.intermediate_size, text) / full
+        assert abs(got - target.flops) <= 0.02 * target.flops
+    else:
+        want = target.tokens if target.tokens is not None else target.retention * tiny.image_tokens
+        assert abs(avg - want) <= 0.02 * want
+
+
+def test_search_is_never_worse_than_the_rule_on_calibration(tiny, profile, data):
+    cal = data[0]
+    text = round(profile.text_tokens)
+    target = Target(retention=0.25)
+    ref = reference_outputs(tiny, cal, 4)
+    start = Genome((1, 2, 3, 4))
+    result = search(tiny, start, target, text, cal, ref, budget_evals=8, batch_size=4)
+    rule = distortion(tiny, plan_from(tiny, start, target, text), cal, ref, 4)
+    assert result.evaluations <= 8
+    assert result.distortion["kl"] + (1 - result.distortion["cosine"]) <= rule["kl"] + (1 - rule["cosine"]) + 1e-9
+    assert abs(result.plan.average_image_tokens() - 16) <= 0.02 * 16
+
+
+def test_unreachable_target_is_a_plan_error(tiny, profile):
+    from btp.runtime.errors import PlanError
+
+    with pytest.raises(PlanError, match="reachable"):
+        plan_from(tiny, Genome((1, 2, 3, 5)), Target(tokens=63.9), round(profile.text_tokens))
+
+
+def test_cli_writes_a_plan_and_plot_that_compile_and_run(tmp_path, capsys):
+    from btp.compiler.build import BuildConfig, compile_artifact
+    from btp.compiler.export import Limits
+    from btp.runtime import Pipeline
+
+    plan_path, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    code = calibrate_cli.main(["builtin:tiny-llava", "--data", "builtin", "--samples", "8", "--retention", "0.25",
+                               "-o", str(plan_path), "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "layer-averaged image tokens" in out and "distortion" in out
+    plan = Plan.load(plan_path)
+    assert abs(plan.average_image_tokens() - 16) <= 0.32
+    cal = plan.calibration
+    assert cal["method"] == "drift" and len(cal["drift"]) == 8 and "heldout" in cal["distortion"]["rule"]
+    with Image.open(png) as im:
+        assert im.width > 400 and im.height > 300
+    out_dir = tmp_path / "art"
+    compile_artifact(BuildConfig(model="builtin:tiny-llava", plan=str(plan_path), out=out_dir,
+                                 limits=Limits(max_prompt=256, max_new_tokens=16)))
+    pipe = Pipeline.load(out_dir)
+    result = pipe.generate(builtin_samples(1)[0].image, ["What is shown?"], max_new_tokens=3)
+    assert [len(k) for k in result.kept_indices[0]] == [s.keep for s in plan.stages]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "{missing}"], "calibration data directory not found"),
+        (["--data", "{badjson}"], "prompts.jsonl:1"),
+        (["--data", "builtin", "--tau", "1.5"], "--tau must be in (0, 1)"),
+        (["--data", "builtin", "--retention", "1.7"], "--retention must be a fraction"),
+    ],
+)
+def test_bad_calibration_input_exits_2_with_one_line(tmp_path, capsys, args, message):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "prompts.jsonl").write_text("{not json\n")
+    args = [a.replace("{missing}", str(tmp_path / "nope")).replace("{badjson}", str(bad)) for a in args]
+    code = calibrate_cli.main(["builtin:tiny-llava", "--samples", "4", *args, "-o", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "p.json").exists()
