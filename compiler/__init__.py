@@ -8,7 +8,6 @@ from .models import LoadedModel, config_fingerprint, load_model
 from .plan import FORMAT, ModelInfo, Plan, Stage
 from .presets import PRESETS, model_info, resolve_plan
 from .reference import ReferencePipeline, TorchEngine, reference_pipeline
-from . import calibrate_cli  # noqa: F401  (btp-calibrate)
 
 __all__ = [
     "BUILTINS",

@@ -248,7 +248,7 @@ def neighbours(g: Genome, depth: int) -> list[Genome]:
         for step in (-1, 1):
             layers = list(g.layers)
             layers[i] += step
-            if all(0 < a < b < depth for a, b in zip(layers, layers[1:])) and 0 < layers[0] and layers[-1] < depth:
+            if all(0 < a < b < depth for a, b in zip(layers, layers[1:])) and layers[0] > 0 and layers[-1] < depth:
                 out.append(Genome(tuple(layers), g.ratio, g.lambda_start))
     for step in (-0.05, 0.05):
         r = round(g.ratio + step, 2)
