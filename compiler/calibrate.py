@@ -149,7 +149,8 @@ def plan_from(model, genome: Genome, target: Target, text_tokens: int, floor: in
         keeps = _keeps_for_target(n0, layers, depth, kwargs)
         dicts = stage_recipes(keeps, layers, n0, info.grid[0] == info.grid[1], lambda_start=genome.lambda_start)
     except ValueError as err:
-        raise PlanError(str(err)) from err
+        raise PlanError(f"target {target.describe()} is out of reach with boundaries {layers} at any budget ratio "
+                        f"0.05..0.95 ({err})") from err
     return Plan(format=FORMAT, model=info, score="logits", stages=tuple(Stage(**d) for d in dicts),
                 calibration=calibration)
 

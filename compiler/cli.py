@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: 256)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..20 (default: 18)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--check", action="store_true", help="run btp-check on the artifact after the build")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return p
 
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = result.manifest.plan
         stages = ", ".join(f"{s['keep']}@{s['layer']}" for s in plan.get("stages", [])) or "no pruning"
         console.print(f"plan: {stages} (image tokens kept @ first layer); built in {time.perf_counter() - t0:.1f} s")
+        if args.check:  # a separate process: the checks live in btp.tools, which the compiler does not import
+            import subprocess
+
+            return subprocess.run([sys.executable, "-m", "btp.tools.check", str(result.out)]).returncode
         return 0
 
     return run_main(body, args.debug, "btp-compile")

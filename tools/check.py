@@ -1,0 +1,302 @@
+"""`btp-check OUT`: prove an artifact against the PyTorch reference with Polygraphy.
+
+Inputs are captured from a real run of the reference chain on sample images and prompts (prefill and
+decode), so prune graphs see realistic score margins. Per graph, Polygraphy's `Comparator` runs a torch
+runner (the `graphs` module), `OnnxrtRunner` and, where TensorRT is importable, nothing more yet, over the
+same feeds; fp32 artifacts compare elementwise (atol = rtol = 1e-4), fp16/bf16 ones by error statistics.
+`keep_indices` compare as sets; a difference the reference itself flips under a perturbation of the
+dtype's resolution is a tie, not a failure. End to end, greedy tokens of the artifact's pipeline are
+compared with the reference's for every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from btp.runtime import Pipeline
+from btp.runtime.cli import run_main
+from btp.runtime.errors import InputError
+from btp.runtime.manifest import read_manifest
+
+FP32_TOL = 1e-4
+# fp16/bf16 thresholds: median relative error, its 99th percentile, and the cosine of every output.
+STAT_TOL = {"float16": (5e-3, 5e-2, 0.999), "bfloat16": (2e-2, 1e-1, 0.995)}
+
+
+def simple_compare_func(**kwargs):
+    """Polygraphy's simple comparison across its API change (`CompareFunc.simple` -> `SimpleCompareFunc`)."""
+    from polygraphy import comparator
+
+    if hasattr(comparator, "SimpleCompareFunc"):
+        return comparator.SimpleCompareFunc(**kwargs)
+    return comparator.CompareFunc.simple(**kwargs)  # pragma: no cover - older Polygraphy
+
+
+def _torch_runner(engine, name: str):
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class TorchRunner(BaseRunner):
+        """A `graphs` module as a Polygraphy runner (Polygraphy's own PyTorch runner needs CUDA)."""
+
+        def __init__(self):
+            super().__init__(name=f"torch-{name}")
+
+        def activate_impl(self):
+            pass
+
+        def deactivate_impl(self):
+            pass
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            for t in engine.module.spec().inputs:
+                dtype = torch.float32 if t.dtype == torch.bfloat16 else t.dtype
+                meta.add(t.name, torch.empty(0, dtype=dtype).numpy().dtype,
+                         [d if isinstance(d, int) else -1 for d in t.shape])
+            return meta
+
+        def infer_impl(self, feed_dict):
+            feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed_dict.items()}
+            start = time.perf_counter()
+            out = engine.run(feeds)
+            self.inference_time = time.perf_counter() - start  # Polygraphy sums these per runner
+            return OrderedDict((k, v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy())
+                               for k, v in out.items())
+
+    return TorchRunner()
+
+
+@dataclass
+class GraphReport:
+    graph: str
+    feeds: int
+    passed: bool
+    worst: dict[str, float] = field(default_factory=dict)  # output -> max abs error
+    ties: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def _to_numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in feeds.items()}
+
+
+def capture_feeds(pipe, images, prompts, steps: int) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Every engine call of a real run of `pipe`: graph name -> list of feed dicts (prefill and decode)."""
+    seen: dict[str, list] = {}
+    originals = {name: e.run for name, e in pipe.engines.items()}
+    for name, engine in pipe.engines.items():
+        def spy(feeds, _name=name, _run=engine.run):
+            seen.setdefault(_name, []).append({k: v.clone() for k, v in feeds.items()})
+            return _run(feeds)
+        engine.run = spy
+    try:
+        for image, prompt in zip(images, prompts):
+            pipe.generate([image], [prompt], max_new_tokens=steps)
+    finally:
+        for name, engine in pipe.engines.items():
+            engine.run = originals[name]
+    return seen
+
+
+def _is_tie(ref_engine, feed: dict[str, torch.Tensor], dtype: str, trials: int = 4) -> bool:
+    """Does the reference's own selection change under input noise of the dtype's resolution?"""
+    eps = torch.finfo(getattr(torch, dtype)).eps
+    base = ref_engine.run(feed)["keep_indices"]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(trials):
+        noisy = {k: (v + v.abs() * eps * torch.randn(v.shape, generator=g).to(v.dtype)) if v.is_floating_point()
+                 else v for k, v in feed.items()}
+        if not torch.equal(ref_engine.run(noisy)["keep_indices"], base):
+            return True
+    return False
+
+
+def compare_graph(name: str, ref_engine, onnx_path: Path, feeds: list[dict], dtype: str,
+                  save: Path | None = None) -> GraphReport:
+    """Polygraphy comparison of one graph: torch runner vs ONNX Runtime over the captured feeds."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR  # the report is ours; Polygraphy's per-run chatter is not
+
+    runners = [_torch_runner(ref_engine, name), OnnxrtRunner(SessionFromOnnx(str(onnx_path)))]
+    data = [_to_numpy(f) for f in feeds]
+    kwargs = {}
+    if save is not None:
+        kwargs = {"save_inputs_path": str(save / f"{name}.inputs.json")}
+    results = Comparator.run(runners, data_loader=data, **kwargs)
+    if save is not None:
+        results.save(str(save / f"{name}.outputs.json"))
+    report = GraphReport(name, len(data), True)
+    ref_name, ort_name = runners[0].name, runners[1].name
+    ref_iters, ort_iters = results[ref_name], results[ort_name]
+    exact = dtype == "float32"
+    if exact:
+        acc = Comparator.compare_accuracy(results, compare_func=simple_compare_func(atol=FP32_TOL, rtol=FP32_TOL,
+                                                                                    check_shapes=True))
+        ok_outputs = {}
+        per_func = [acc] if hasattr(acc, "items") else list(acc)  # one AccuracyResult, or one per compare func
+        for _, iterations in (pair for result in per_func for pair in result.items()):
+            for iteration in iterations:
+                for out, res in iteration.items():
+                    ok_outputs[out] = ok_outputs.get(out, True) and bool(res)
+    for i, (a, b) in enumerate(zip(ref_iters, ort_iters)):
+        for out in a.keys():
+            x, y = np.asarray(a[out]), np.asarray(b[out])
+            if out == "keep_indices":
+                if x.shape != y.shape or any(set(r) != set(s) for r, s in zip(x.tolist(), y.tolist())):
+                    if _is_tie(ref_engine, feeds[i], dtype):
+                        report.ties += 1
+                    else:
+                        report.failures.append(f"{out} (feed {i}): kept sets differ")
+                continue
+            if x.dtype.kind in "fc":
+                err = float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()) if x.size else 0.0
+                report.worst[out] = max(report.worst.get(out, 0.0), err)
+                if not exact:
+                    reason = _stat_failure(x, y, dtype)
+                    if reason:
+                        report.failures.append(f"{out} (feed {i}): {reason}")
+            elif not np.array_equal(x, y):
+                report.failures.append(f"{out} (feed {i}): integer outputs differ")
+    if exact:
+        report.failures += [f"{out}: beyond atol/rtol {FP32_TOL} (max abs error {report.worst.get(out, 0):.2e})"
+                            for out, ok in ok_outputs.items() if not ok and out != "keep_indices"]
+    report.passed = not report.failures
+    return report
+
+
+def _stat_failure(x: np.ndarray, y: np.ndarray, dtype: str) -> str | None:
+    med_tol, q_tol, cos_tol = STAT_TOL[dtype]
+    a, b = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
+    if a.size == 0:
+        return None
+    rel = np.abs(a - b) / (np.abs(a) + 1e-3)
+    cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+    if np.median(rel) > med_tol or np.quantile(rel, 0.99) > q_tol or cos < cos_tol:
+        return f"median rel {np.median(rel):.2e}, p99 rel {np.quantile(rel, 0.99):.2e}, cosine {cos:.6f}"
+    return None
+
+
+def check_artifact(out: str | Path, images, prompts, steps: int = 8, save: Path | None = None) -> dict:
+    """Run every comparison of `btp-check`; returns the report (see `btp-check --json`)."""
+    from btp.compiler import load_model, reference_pipeline
+    from btp.compiler.plan import Plan
+
+    root = Path(out)
+    manifest = read_manifest(root)
+    dtype = manifest.build.dtype
+    model = load_model(manifest.model["name"], dtype=dtype)
+    plan = Plan.parse(manifest.plan, source=f"{root}/manifest.json plan")
+    ref = reference_pipeline(model, plan, max_positions=manifest.chain["max_positions"])
+    pipe = Pipeline.load(root)
+    feeds = capture_feeds(ref, images, prompts, steps)
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+    graphs = [compare_graph(name, ref.engines[name], root / info.file, feeds.get(name, []), dtype, save)
+              for name, info in manifest.graphs.items()]
+    agree = []
+    for image, prompt in zip(images, prompts):
+        a = pipe.generate([image], [prompt], max_new_tokens=steps).token_ids[0]
+        b = ref.generate([image], [prompt], max_new_tokens=steps).token_ids[0]
+        same = sum(x == y for x, y in zip(a, b))
+        agree.append(same / max(len(a), len(b), 1))
+    tokens_ok = all(a == 1.0 for a in agree)
+    return {
+        "artifact": str(root), "dtype": dtype, "samples": len(images), "steps": steps,
+        "graphs": [asdict(g) for g in graphs],
+        "tokens": {"agreement": agree, "mean": float(np.mean(agree)) if agree else 1.0, "passed": tokens_ok},
+        "passed": all(g.passed for g in graphs) and tokens_ok,
+    }
+
+
+def _samples(args):
+    from PIL import Image
+
+    from .samples import SAMPLE_QUESTION, sample_image
+
+    if args.image:
+        prompts = args.prompt or [SAMPLE_QUESTION] * len(args.image)
+        if len(prompts) != len(args.image):
+            raise InputError(f"expected one --prompt per --image, got {len(prompts)} and {len(args.image)}")
+        images = []
+        for path in args.image:
+            try:
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+            except OSError as err:
+                raise InputError(f"{path}: not a readable image ({type(err).__name__})") from err
+        return images, prompts
+    from btp.compiler.calibration_data import builtin_samples
+
+    if args.samples < 1:
+        raise InputError(f"--samples must be >= 1, got {args.samples}")
+    extra = builtin_samples(args.samples - 1, seed=1) if args.samples > 1 else []
+    return [sample_image()] + [s.image for s in extra], [SAMPLE_QUESTION] + [s.prompt for s in extra]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="btp-check", description=__doc__.split("\n\n")[0])
+    p.add_argument("artifact")
+    p.add_argument("--image", action="append", help="sample image (repeatable); default: bundled samples")
+    p.add_argument("--prompt", action="append", help="question per --image")
+    p.add_argument("--samples", type=int, default=3, help="bundled samples when no --image (3)")
+    p.add_argument("--steps", type=int, default=8, help="new tokens per sample (8)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--save", type=Path, help="write Polygraphy inputs/outputs per graph to this directory")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        import warnings
+
+        images, prompts = _samples(args)
+        import contextlib
+
+        # Polygraphy prints to stdout; keep stdout for the report (and --json parseable).
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore", RuntimeWarning)  # Polygraphy's statistics over empty decode tensors
+            report = check_artifact(args.artifact, images, prompts, args.steps, args.save)
+        if args.json:
+            print(json.dumps(report))
+        else:
+            _print(report, args)
+        return 0 if report["passed"] else 1
+
+    return run_main(body, args.debug, "btp-check")
+
+
+def _print(report: dict, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    table = Table("graph", "feeds", "max abs error", "ties", "result", title=f"btp-check {report['artifact']}")
+    for g in report["graphs"]:
+        worst = max(g["worst"].values(), default=0.0)
+        result = "[green]pass[/green]" if g["passed"] else f"[red]FAIL[/red] {g['failures'][0]}"
+        table.add_row(g["graph"], str(g["feeds"]), f"{worst:.2e}", str(g["ties"]), result)
+    console.print(table)
+    t = report["tokens"]
+    console.print(f"greedy tokens vs reference: {100 * t['mean']:.1f}% agreement over {report['samples']} samples")
+    if args.save:
+        for g in report["graphs"]:
+            console.print(f"polygraphy run {report['artifact']}/onnx/{g['graph']}.onnx --onnxrt "
+                          f"--load-inputs {args.save}/{g['graph']}.inputs.json "
+                          f"--load-outputs {args.save}/{g['graph']}.outputs.json --atol {FP32_TOL} --rtol {FP32_TOL}")
+    console.print("[green]PASS[/green]" if report["passed"] else "[red]FAIL[/red]")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
