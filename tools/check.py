@@ -152,7 +152,7 @@ def compare_graph(name: str, ref_engine, onnx_path: Path, feeds: list[dict], dty
                 for out, res in iteration.items():
                     ok_outputs[out] = ok_outputs.get(out, True) and bool(res)
     for i, (a, b) in enumerate(zip(ref_iters, ort_iters)):
-        for out in a.keys():
+        for out in a.keys():  # noqa: SIM118 - a Polygraphy IterationResult
             x, y = np.asarray(a[out]), np.asarray(b[out])
             if out == "keep_indices":
                 if x.shape != y.shape or any(set(r) != set(s) for r, s in zip(x.tolist(), y.tolist())):
