@@ -90,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         report = {"rule": _report(model, rule, cal, held, ref_cal, ref_held, args.batch_size)}
         chosen = rule
         if args.method == "search":
+            # Without an explicit target the search keeps the rule's layer-averaged tokens: fewer distortion
+            # must not come from simply keeping more tokens.
+            goal = target if target.describe() else Target(tokens=rule.average_image_tokens())
             with _bar(console) as bar:
                 task = bar.add_task("search", total=args.budget_evals)
-                result = search(model, start, target, text, cal, ref_cal, args.budget_evals, floor, args.batch_size,
+                result = search(model, start, goal, text, cal, ref_cal, args.budget_evals, floor, args.batch_size,
                                 lambda d, t: bar.update(task, completed=d))
             chosen = result.plan
             report["search"] = _report(model, chosen, cal, held, ref_cal, ref_held, args.batch_size)
