@@ -108,3 +108,17 @@ def test_bad_calibration_input_exits_2_with_one_line(tmp_path, capsys, args, mes
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_search_without_target_keeps_the_rule_plans_tokens(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    code = calibrate_cli.main(["builtin:tiny-llava", "--data", "builtin", "--samples", "8", "--method", "search",
+                               "--budget-evals", "5", "-o", str(path)])
+    assert code == 0, capsys.readouterr().err
+    plan = Plan.load(path)
+    report = plan.calibration["distortion"]
+    rule_avg = report["rule"]["average_tokens"]
+    assert abs(plan.average_image_tokens() - rule_avg) <= 0.02 * rule_avg
+    score = lambda d: d["kl"] + 1 - d["cosine"]  # noqa: E731
+    assert score(report["search"]["calibration"]) <= score(report["rule"]["calibration"]) + 1e-9
+    assert report["search"]["evaluations"] <= 5
