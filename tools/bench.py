@@ -1,0 +1,251 @@
+"""`btp-bench OUT`: measured speed of a pruned artifact against its unpruned twin, Hugging Face, and the
+FLOPs ideal (BTP.md section 5), as ratios measured in one run (these machines are shared and noisy).
+
+The unpruned twin (plan `none`, same model, dtype and bounds) is compiled once and cached beside OUT.
+Pruned and unpruned runs interleave (ABAB...) after a warm-up; the Hugging Face baseline is
+`LlavaForConditionalGeneration.generate` on the same weights (sdpa attention, greedy) in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from btp.runtime import Pipeline
+from btp.runtime.cli import run_main
+from btp.runtime.errors import InputError
+from btp.runtime.manifest import read_manifest
+
+from .samples import sample_image
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def unpruned_twin(root: Path, manifest) -> Path:
+    """The plan-`none` artifact with the same model, dtype and bounds, compiled once into a cache beside OUT."""
+    from btp.compiler.build import BuildConfig, compile_artifact
+    from btp.compiler.export import Limits
+
+    b = manifest.build
+    fp = manifest.model["fingerprint"][:16]
+    key = f"{fp}-{b.dtype}-o{b.opset}-b{b.max_batch}-p{b.max_prompt}-n{b.max_new_tokens}"
+    out = root.parent / ".btp-bench-cache" / f"none-{key}"
+    if (out / "manifest.json").is_file():
+        return out
+    compile_artifact(BuildConfig(model=manifest.model["name"], plan="none", out=out, backend="onnxruntime",
+                                 dtype=b.dtype, opset=b.opset, force=True,
+                                 limits=Limits(b.max_batch, b.max_prompt, b.max_new_tokens)))
+    return out
+
+
+def make_prompt(tokenizer, text_tokens: int) -> str:
+    """A question of about `text_tokens` tokens."""
+    words = ["Describe", "the", "colours", "shapes", "and", "positions", "of", "everything", "in", "this", "image"]
+    out: list[str] = []
+    while len(tokenizer(" ".join(out), add_special_tokens=False)["input_ids"]) < text_tokens:
+        out.append(words[len(out) % len(words)])
+    return " ".join(out)
+
+
+def _kv_bytes(pipe: Pipeline, images, prompts) -> int:
+    pre = pipe.prefill(images, prompts)
+    return sum(t.numel() * t.element_size() for cache in pre.caches.values() for t in cache.values())
+
+
+def _hf_times(model, inp, new_tokens: int, repeat: int) -> dict:
+    hf = model.hf
+    hf.set_attn_implementation("sdpa")
+    kwargs = dict(input_ids=inp.input_ids, attention_mask=inp.attention_mask, pixel_values=inp.pixel_values,
+                  do_sample=False)
+    ttft, full = [], []
+    with torch.inference_mode():
+        hf.generate(**kwargs, max_new_tokens=2, min_new_tokens=2)  # warm-up
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            hf.generate(**kwargs, max_new_tokens=1, min_new_tokens=1)
+            ttft.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            hf.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            full.append((time.perf_counter() - t0) * 1e3)
+    t = statistics.median(ttft)
+    decode_ms = max(statistics.median(full) - t, 1e-6)
+    return {"ttft_ms": t, "ttft_min_ms": min(ttft), "decode_tokens_per_s": (new_tokens - 1) * inp.input_ids.shape[0]
+            / (decode_ms / 1e3)}
+
+
+def _summary(runs: list[dict], graphs: list[str]) -> dict:
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    return {
+        "ttft_ms": med("ttft_ms"), "ttft_min_ms": min(r["ttft_ms"] for r in runs),
+        "decode_tokens_per_s": med("decode_tokens_per_s"),
+        "prefill_ms": {g: med(g) for g in graphs if all(g in r for r in runs)},
+    }
+
+
+def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: int, batch: int,
+          repeat: int, log=print) -> dict:
+    """Run the benchmark; returns the report (`btp-bench --json`)."""
+    from btp.compiler import load_model
+    from btp.compiler.plan import Plan
+
+    root = Path(out)
+    manifest = read_manifest(root)
+    if batch > manifest.build.max_batch:
+        raise InputError(f"--batch {batch} exceeds the artifact's max batch {manifest.build.max_batch}")
+    pruned = Pipeline.load(root)
+    tok = pruned.processor.tokenizer
+    prompt = make_prompt(tok, prompt_tokens)
+    images, prompts = [sample_image()] * batch, [prompt] * batch
+    pipes = {"pruned": pruned}
+    if "unpruned" in baselines:
+        log("compiling the unpruned twin (cached)")
+        pipes["unpruned"] = Pipeline.load(unpruned_twin(root, manifest))
+    graphs = {name: list(p.engines) for name, p in pipes.items()}
+    runs: dict[str, list[dict]] = {name: [] for name in pipes}
+    for p in pipes.values():  # warm-up
+        p.generate(images, prompts, max_new_tokens=2)
+    for _ in range(repeat):
+        for name, p in pipes.items():  # interleaved: pruned, unpruned, pruned, ...
+            out_ = p.generate(images, prompts, max_new_tokens=new_tokens)
+            runs[name].append(dict(out_.timings))
+    report: dict = {"artifact": str(root), "prompt_tokens": len(pruned.prepare(images[:1], prompts[:1]).input_ids[0]),
+                    "text_tokens": prompt_tokens, "new_tokens": new_tokens, "batch": batch, "repeat": repeat}
+    for name in pipes:
+        report[name] = _summary(runs[name], graphs[name])
+        report[name]["kv_cache_bytes"] = _kv_bytes(pipes[name], images, prompts)
+    plan = Plan.parse(manifest.plan)
+    m = manifest.model
+    d, inter = m["hidden_size"], m["intermediate_size"]
+    none = Plan.parse({**manifest.plan, "stages": []})
+    flops_pruned, flops_none = plan.flops(d, inter, prompt_tokens), none.flops(d, inter, prompt_tokens)
+    report["flops"] = {"pruned": flops_pruned, "unpruned": flops_none, "ideal_speedup": flops_none / flops_pruned,
+                       "layer_averaged_image_tokens": plan.average_image_tokens()}
+    p = report["pruned"]
+    ratios = {"prune_overhead": sum(v for k, v in p["prefill_ms"].items() if k.startswith("prune")) / p["ttft_ms"]}
+    if "unpruned" in pipes:
+        u = report["unpruned"]
+        ratios["speedup"] = u["ttft_ms"] / p["ttft_ms"]
+        ratios["efficiency"] = ratios["speedup"] / report["flops"]["ideal_speedup"]
+        ratios["kv_cache_reduction"] = u["kv_cache_bytes"] / p["kv_cache_bytes"]
+        ratios["decode_speedup"] = p["decode_tokens_per_s"] / u["decode_tokens_per_s"]
+    if "hf" in baselines:
+        log("running the Hugging Face baseline")
+        model = load_model(m["name"], dtype=manifest.build.dtype)
+        hf = _hf_times(model, pruned.prepare(images, prompts), new_tokens, repeat)
+        report["hf"] = hf
+        ratios["vs_hf_ttft_pruned"] = p["ttft_ms"] / hf["ttft_ms"]
+        ratios["vs_hf_decode_pruned"] = p["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+        if "unpruned" in pipes:
+            ratios["vs_hf_ttft_unpruned"] = report["unpruned"]["ttft_ms"] / hf["ttft_ms"]
+    report["ratios"] = ratios
+    report["environment"] = {
+        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "backend": "onnxruntime", "python": platform.python_version(), "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__, "dtype": manifest.build.dtype,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    return report
+
+
+def plot(report: dict, path: str | Path) -> Path:
+    """Per-graph prefill breakdown of both plans, and the ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plans = [k for k in ("pruned", "unpruned") if k in report]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, name in enumerate(plans):
+        bottom = 0.0
+        for g, ms in report[name]["prefill_ms"].items():
+            color = "#d9534f" if g.startswith("prune") else ("#7aa6d8" if g.startswith("stage") else "#999999")
+            left.bar(i, ms, bottom=bottom, color=color, edgecolor="white", lw=0.5)
+            if ms > 0.04 * report[name]["ttft_ms"]:
+                left.text(i, bottom + ms / 2, g, ha="center", va="center", fontsize=7)
+            bottom += ms
+    if "hf" in report:
+        left.bar(len(plans), report["hf"]["ttft_ms"], color="#5cb85c")
+        plans = [*plans, "hf"]
+    left.set_xticks(range(len(plans)), plans)
+    left.set_ylabel("prefill / time to first token (ms)")
+    left.set_title("prefill by graph (median)")
+    ratios = report["ratios"]
+    right.barh(list(ratios), list(ratios.values()), color="#7aa6d8")
+    right.axvline(1.0, color="black", lw=0.8)
+    right.set_title("ratios")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="btp-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("artifact")
+    p.add_argument("--baseline", default="unpruned,hf", help="comma list of unpruned, hf (default: both)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens beside the image (64)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", help="PNG of the breakdown and the ratios")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        baselines = {b.strip() for b in args.baseline.split(",") if b.strip()}
+        unknown = baselines - {"unpruned", "hf"}
+        if unknown:
+            raise InputError(f"--baseline takes unpruned and/or hf, got {sorted(unknown)}")
+        if min(args.repeat, args.new_tokens, args.batch, args.prompt_tokens) < 1:
+            raise InputError("--repeat, --new-tokens, --batch and --prompt-tokens must be >= 1")
+        report = bench(args.artifact, baselines, args.prompt_tokens, args.new_tokens, args.batch, args.repeat,
+                       log=lambda m: print(m, file=sys.stderr))
+        if args.plot:
+            plot(report, args.plot)
+        if args.json:
+            print(json.dumps(report))
+        else:
+            _print(report)
+        return 0
+
+    return run_main(body, args.debug, "btp-bench")
+
+
+def _print(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    table = Table("run", "TTFT median ms", "TTFT min ms", "decode tok/s", "KV cache MB",
+                  title=f"btp-bench {report['artifact']} ({report['prompt_tokens']} prompt tokens, "
+                        f"{report['new_tokens']} new, batch {report['batch']})")
+    for name in ("pruned", "unpruned", "hf"):
+        if name in report:
+            r = report[name]
+            kv = f"{r['kv_cache_bytes'] / 2**20:.1f}" if "kv_cache_bytes" in r else "-"
+            table.add_row(name, f"{r['ttft_ms']:.1f}", f"{r['ttft_min_ms']:.1f}", f"{r['decode_tokens_per_s']:.1f}", kv)
+    console.print(table)
+    f = report["flops"]
+    console.print(f"FLOPs ideal prefill speedup {f['ideal_speedup']:.2f} "
+                  f"({f['layer_averaged_image_tokens']:.1f} layer-averaged image tokens)")
+    console.print("  ".join(f"{k} {v:.3f}" for k, v in report["ratios"].items()))
