@@ -164,6 +164,8 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
         (tmp / MANIFEST).write_text(manifest.to_json())
         _move_into_place(tmp, out)
         done = True
+        for e in exported:
+            e.path = out / "onnx" / e.path.name
     except OSError as err:
         raise BuildError(f"writing the artifact failed: {err.strerror or err} ({err.filename or out})") from err
     finally:

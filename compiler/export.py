@@ -87,7 +87,7 @@ def example_inputs(spec: GraphSpec, image_token_id: int, image_tokens: int, seq:
     return out
 
 
-def _structure(module: nn.Module, n_fixed: int, items: list):
+def _structure(n_fixed: int, items: list):
     """Group the dynamic shapes of trailing inputs under the forward's `*args`, as torch.export expects."""
     return (*items[:n_fixed], tuple(items[n_fixed:])) if len(items) > n_fixed else tuple(items)
 
@@ -131,7 +131,7 @@ def export_graph(module: nn.Module, path: Path, *, limits: Limits, opset: int, i
         program = torch.onnx.export(
             module, tuple(items), dynamo=True, opset_version=opset,
             input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_shapes=_structure(module, n_fixed, dyn), verbose=False,
+            dynamic_shapes=_structure(n_fixed, dyn), verbose=False,
             custom_translation_table={torch.ops.btp.farthest_point_fill.default: fill_translation()},
         )
         external = _param_bytes(module) > EXTERNAL_DATA_BYTES
