@@ -148,18 +148,31 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
             exported.append(e)
             if on_graph:
                 on_graph(name, "done", e)
-        model.processor.save_pretrained(tmp / "processor")
         lim = cfg.limits
+        engines, trt_version = {}, None
+        if backend == "tensorrt":
+            import tensorrt
+
+            from .trt_build import build_engines
+            from .trt_profiles import Bounds
+
+            engines = build_engines(tmp, infos, chain.to_dict(),
+                                    Bounds(lim.max_batch, lim.max_prompt, lim.max_new_tokens, chain.image_tokens),
+                                    on_graph=on_graph and (lambda n, _p: on_graph(n, "engine", None)))
+            trt_version = tensorrt.__version__
+        model.processor.save_pretrained(tmp / "processor")
         manifest = Manifest(
             format=ARTIFACT_FORMAT,
             producer=_producer(),
             model=model.summary(),
             plan=plan.model_dump(mode="json", by_alias=True, exclude_none=True),
             chain=chain.to_dict(),
-            build=BuildOptions(backend="onnxruntime", dtype=cfg.dtype, opset=cfg.opset, max_batch=lim.max_batch,
+            build=BuildOptions(backend=backend, dtype=cfg.dtype, opset=cfg.opset, max_batch=lim.max_batch,
                                max_prompt=lim.max_prompt, max_new_tokens=lim.max_new_tokens),
             graphs=infos,
             files=file_table(tmp),
+            engines=engines,
+            tensorrt=trt_version,
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
         _move_into_place(tmp, out)
@@ -171,10 +184,7 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
     finally:
         if not done:
             shutil.rmtree(tmp, ignore_errors=True)
-    if backend == "tensorrt":
-        warnings.append("TensorRT engines are not built yet (a later release builds them); this artifact runs with "
-                        "the onnxruntime backend")
-    return BuildResult(out, "onnxruntime", exported, warnings, manifest)
+    return BuildResult(out, backend, exported, warnings, manifest)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         def on_graph(name, phase, exported):
             if phase == "start":
                 status.update(f"exporting [bold]{name}[/bold]")
+            elif phase == "engine":
+                status.update(f"building the TensorRT engine of [bold]{name}[/bold]")
             else:
                 console.print(f"  exported {name:<8} {exported.nodes:>5} nodes  {exported.seconds:6.1f} s")
 

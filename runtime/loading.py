@@ -12,7 +12,7 @@ from .onnxruntime_backend import OrtEngine, SessionOptions
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
 def _check_io(engine, info, path: Path) -> None:
@@ -30,17 +30,49 @@ def _check_io(engine, info, path: Path) -> None:
                 raise ArtifactError(f"{path}: {kind[:-1]} {t.name} is {found}, the manifest says {t.dtype}")
 
 
+def _check_names(engine, info, path: Path) -> None:
+    for kind, names, tensors in (("inputs", engine.input_names, info.inputs),
+                                 ("outputs", engine.output_names, info.outputs)):
+        want = [t.name for t in tensors]
+        if sorted(names) != sorted(want):
+            raise ArtifactError(f"{path}: engine {kind} {names} disagree with the manifest's {want}")
+
+
+def _use_tensorrt(backend: str, manifest, root: Path) -> bool:
+    """auto: TensorRT where the artifact has engines and TensorRT is importable; else ONNX Runtime."""
+    if backend == "onnxruntime":
+        return False
+    from .tensorrt_backend import tensorrt_version
+
+    available = bool(manifest.engines) and tensorrt_version() is not None
+    if backend == "tensorrt" and not available:
+        why = "it has no engines" if not manifest.engines else "tensorrt is not importable here"
+        raise ArtifactError(f"{root}: cannot run with backend tensorrt: {why}")
+    return available
+
+
 def load_pipeline(cls, path, backend: str, device: str, threads: int, optimization: str, verify: bool):
     root = Path(path)
     if backend not in BACKENDS:
         raise ArtifactError(f"backend must be one of {', '.join(BACKENDS)} for this artifact, got {backend!r}")
     manifest = read_manifest(root, verify=verify)
+    use_trt = _use_tensorrt(backend, manifest, root)
     options = SessionOptions(intra_op_threads=threads, optimization=optimization)
     engines = {}
     for name, info in manifest.graphs.items():
-        file = root / info.file
-        engine = OrtEngine(file, options, device)
-        _check_io(engine, info, file)
+        if use_trt:
+            from .tensorrt_backend import TrtEngine
+
+            file = root / manifest.engines[name]
+            device = device if device.startswith("cuda") else "cuda"
+            engine = TrtEngine(file, manifest.tensorrt, device)
+        else:
+            file = root / info.file
+            engine = OrtEngine(file, options, device)
+        if use_trt:
+            _check_names(engine, info, file)
+        else:
+            _check_io(engine, info, file)
         engines[name] = engine
     try:
         from transformers import AutoProcessor

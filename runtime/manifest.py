@@ -73,6 +73,8 @@ class Manifest(BaseModel):
     graphs: dict[str, GraphInfo]
     files: dict[str, FileInfo]
     processor: str = "processor"
+    engines: dict[str, str] = Field(default_factory=dict)  # graph -> engines/{graph}.engine (TensorRT builds)
+    tensorrt: str | None = None  # the TensorRT version that built them
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
