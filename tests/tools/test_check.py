@@ -57,3 +57,17 @@ def test_stat_failure_thresholds():
     x = np.linspace(-1, 1, 1000).astype(np.float32)
     assert check._stat_failure(x, x, "float16") is None
     assert check._stat_failure(x, x + 0.2, "float16") is not None
+
+
+def test_fp16_artifact_passes_the_statistical_comparison(tmp_path, capsys):
+    from btp.compiler.build import BuildConfig, compile_artifact
+    from btp.compiler.export import Limits
+
+    out = tmp_path / "f16"
+    compile_artifact(BuildConfig(model="builtin:tiny-llava", plan="btp", out=out, dtype="float16",
+                                 limits=Limits(max_prompt=256, max_new_tokens=16)))
+    assert check.main([str(out), "--samples", "2", "--steps", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dtype"] == "float16" and report["passed"]
+    worst = max(max(g["worst"].values(), default=0.0) for g in report["graphs"])
+    assert 0 < worst < 1e-2  # fp16 is not exact, and is judged by statistics rather than 1e-4
