@@ -7,7 +7,6 @@ interrupted build leaves nothing that `Pipeline.load` would accept.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from btp.runtime.errors import BtpError
 from btp.runtime.manifest import ARTIFACT_FORMAT, MANIFEST, BuildOptions, GraphInfo, Manifest, TensorInfo, file_table
+from btp.runtime.tensorrt_backend import tensorrt_version
 
 from .assemble import build_graphs
 from .export import EXPORTER, Exported, Limits, export_graph
@@ -59,7 +59,7 @@ class BuildResult:
 
 
 def tensorrt_available() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
+    return tensorrt_version() is not None
 
 
 def resolve_backend(backend: str) -> str:

@@ -20,6 +20,7 @@ from btp.runtime.errors import InputError, PlanError
 
 from .assemble import build_graphs
 from .calibration_data import Sample
+from .cost import decoder_flops
 from .plan import FORMAT, Plan, Stage
 from .presets import model_info, resolve_plan
 from .reference import reference_pipeline
@@ -143,7 +144,7 @@ def plan_from(model, genome: Genome, target: Target, text_tokens: int, floor: in
     elif target.flops is not None:
         d, m = model.hidden_size, model.intermediate_size
         full = Plan(format=FORMAT, model=info).flops(d, m, text_tokens)
-        kwargs["cost"] = lambda per_layer: sum(_layer_flops(n + text_tokens, d, m) for n in per_layer)
+        kwargs["cost"] = lambda per_layer: sum(decoder_flops(n + text_tokens, d, m) for n in per_layer)
         kwargs["target_cost"] = target.flops * full
     try:
         keeps = _keeps_for_target(n0, layers, depth, kwargs)
@@ -170,12 +171,6 @@ def _keeps_for_target(n0: int, layers: list[int], depth: int, kwargs: dict) -> l
             except ValueError:
                 continue
         raise first
-
-
-def _layer_flops(n: int, d: int, m: int) -> float:
-    from .cost import decoder_flops
-
-    return decoder_flops(n, d, m)
 
 
 def rule_genome(profile: Profile, stages: int = 4, lambda_start: float = 0.6) -> Genome:

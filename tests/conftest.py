@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from PIL import Image
 
@@ -40,3 +42,22 @@ def artifact(tmp_path_factory):
         return built[preset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def assert_concurrent_calls_match_sequential():
+    """The check as a fixture: tests/ is not a package, so a plain import would not resolve."""
+    return _assert_concurrent_calls_match_sequential
+
+
+def _assert_concurrent_calls_match_sequential(pipe, images):
+    """4 threads each running 3 `generate` calls on one Pipeline give the tokens of running them one by one."""
+    prompts = [["What is shown?", "Describe."], ["Where is the red circle?", "Hi"], ["Colours?", "Shapes?"]]
+    expected = [pipe.generate(images, p, max_new_tokens=6).token_ids for p in prompts]
+
+    def worker(_):
+        return [pipe.generate(images, p, max_new_tokens=6).token_ids for p in prompts]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(worker, range(4)))
+    assert all(r == expected for r in results)

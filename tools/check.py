@@ -90,8 +90,9 @@ def _to_numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in feeds.items()}
 
 
-def capture_feeds(pipe, images, prompts, steps: int) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Every engine call of a real run of `pipe`: graph name -> list of feed dicts (prefill and decode)."""
+def capture_feeds(pipe, batches, steps: int) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Every engine call of real runs of `pipe` over `batches` of (images, prompts): graph name -> list of
+    feed dicts (prefill and decode)."""
     seen: dict[str, list] = {}
     originals = {name: e.run for name, e in pipe.engines.items()}
     for name, engine in pipe.engines.items():
@@ -100,8 +101,8 @@ def capture_feeds(pipe, images, prompts, steps: int) -> dict[str, list[dict[str,
             return _run(feeds)
         engine.run = spy
     try:
-        for image, prompt in zip(images, prompts):
-            pipe.generate([image], [prompt], max_new_tokens=steps)
+        for images, prompts in batches:
+            pipe.generate(images, prompts, max_new_tokens=steps)
     finally:
         for name, engine in pipe.engines.items():
             engine.run = originals[name]
@@ -201,7 +202,7 @@ def check_artifact(out: str | Path, images, prompts, steps: int = 8, save: Path 
     plan = Plan.parse(manifest.plan, source=f"{root}/manifest.json plan")
     ref = reference_pipeline(model, plan, max_positions=manifest.chain["max_positions"])
     pipe = Pipeline.load(root)
-    feeds = capture_feeds(ref, images, prompts, steps)
+    feeds = capture_feeds(ref, [([i], [p]) for i, p in zip(images, prompts)], steps)
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
     graphs = [compare_graph(name, ref.engines[name], root / info.file, feeds.get(name, []), dtype, save)
@@ -222,22 +223,14 @@ def check_artifact(out: str | Path, images, prompts, steps: int = 8, save: Path 
 
 
 def _samples(args):
-    from PIL import Image
-
+    from .run import open_image
     from .samples import SAMPLE_QUESTION, sample_image
 
     if args.image:
         prompts = args.prompt or [SAMPLE_QUESTION] * len(args.image)
         if len(prompts) != len(args.image):
             raise InputError(f"expected one --prompt per --image, got {len(prompts)} and {len(args.image)}")
-        images = []
-        for path in args.image:
-            try:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
-            except OSError as err:
-                raise InputError(f"{path}: not a readable image ({type(err).__name__})") from err
-        return images, prompts
+        return [open_image(path) for path in args.image], prompts
     from btp.compiler.calibration_data import builtin_samples
 
     if args.samples < 1:

@@ -1,13 +1,12 @@
 """The ONNX Runtime pipeline against the torch reference, graph by graph and end to end."""
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 
 from btp.compiler import reference_pipeline
 from btp.runtime import Pipeline
 from btp.runtime.onnxruntime_backend import OrtEngine
+from btp.tools.check import capture_feeds
 
 PROMPTS = ["What is shown in the image?", "Describe the colours and the shapes of everything you see here."]
 PRESETS = ["none", "btp", "fastv", "pdrop", "divprune"]
@@ -41,30 +40,10 @@ def test_onnxruntime_pipeline_equals_reference(pipelines, images, preset, batch)
     assert len(a.token_ids[0]) == 32 or a.token_ids[0][-1] in ort_pipe.spec.eos_token_ids
 
 
-def _capture(pipe, images, prompts, steps):
-    """Feeds of every engine call in a real run: name -> list of feed dicts."""
-    seen = {}
-    originals = {}
-    for name, engine in pipe.engines.items():
-        originals[name] = engine.run
-
-        def spy(feeds, _name=name, _run=engine.run):
-            seen.setdefault(_name, []).append({k: v.clone() for k, v in feeds.items()})
-            return _run(feeds)
-
-        engine.run = spy
-    try:
-        pipe.generate(images, prompts, max_new_tokens=steps)
-    finally:
-        for name, engine in pipe.engines.items():
-            engine.run = originals[name]
-    return seen
-
-
 @pytest.mark.parametrize("preset", ["btp", "divprune"])
 def test_every_graph_equals_its_torch_module_on_captured_inputs(pipelines, images, preset):
     ort_pipe, ref = pipelines(preset)
-    feeds = _capture(ref, images, PROMPTS, steps=3)
+    feeds = capture_feeds(ref, [(images, PROMPTS)], steps=3)  # batch 2, different lengths
     assert set(feeds) == set(ort_pipe.engines)
     for name, calls in feeds.items():
         for feed in calls:  # prefill and decode shapes alike
@@ -97,17 +76,8 @@ def test_prune_graph_has_topk_no_nonzero_and_symbolic_output_shapes(artifact):
     assert sdims["present.1.key"] == ["batch", 2, "past + seq", 16]
 
 
-def test_concurrent_generate_calls_match_sequential(pipelines, images):
-    pipe, _ = pipelines("btp")
-    prompts = [["What is shown?", "Describe."], ["Where is the red circle?", "Hi"], ["Colours?", "Shapes?"]]
-    expected = [pipe.generate(images, p, max_new_tokens=6).token_ids for p in prompts]
-
-    def worker(_):
-        return [pipe.generate(images, p, max_new_tokens=6).token_ids for p in prompts]
-
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(worker, range(4)))
-    assert all(r == expected for r in results)
+def test_concurrent_generate_calls_match_sequential(pipelines, images, assert_concurrent_calls_match_sequential):
+    assert_concurrent_calls_match_sequential(pipelines("btp")[0], images)
 
 
 def test_engine_reports_the_graph_io(artifact):

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -101,53 +100,19 @@ def test_stream_yields_the_generated_text(pipe, images):
     assert "".join(pieces) == out.texts[0]
 
 
-def test_concurrent_generate_calls_match_sequential(pipe, images):
-    prompts = [["What is shown?", "Describe."], ["Where is the red circle?", "Hi"], ["Colours?", "Shapes?"]]
-    expected = [pipe.generate(images, p, max_new_tokens=6).token_ids for p in prompts]
-
-    def worker(_):
-        return [pipe.generate(images, p, max_new_tokens=6).token_ids for p in prompts]
-
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(worker, range(4)))
-    assert all(r == expected for r in results)
+def test_concurrent_generate_calls_match_sequential(pipe, images, assert_concurrent_calls_match_sequential):
+    assert_concurrent_calls_match_sequential(pipe, images)
 
 
-def test_runtime_imports_no_other_btp_package_nor_model_code():
-    code = (
-        "import sys, btp.runtime; "
-        "bad = [m for m in sys.modules if m.startswith(('btp.compiler', 'btp.graphs', 'btp.tools', "
-        "'transformers'))]; print(bad); sys.exit(1 if bad else 0)"
-    )
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("btp.runtime", ("btp.compiler", "btp.graphs", "btp.tools", "transformers")),  # no model code either
+        ("btp.graphs", ("btp.compiler", "btp.runtime", "btp.tools")),
+    ],
+)
+def test_dependencies_point_one_way(package, forbidden):
+    code = (f"import sys, {package}; bad = [m for m in sys.modules if m.startswith({forbidden!r})]; "
+            "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_graphs_import_no_other_btp_package():
-    code = (
-        "import sys, btp.graphs; "
-        "bad = [m for m in sys.modules if m.startswith(('btp.compiler', 'btp.runtime', 'btp.tools'))]; "
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_prompt_longer_than_the_positions_is_an_input_error(tiny, images):
-    short = reference_pipeline(tiny, "none", max_positions=80)
-    with pytest.raises(InputError, match="prompt too long"):
-        short.generate(images[:1], ["Describe the colours and the shapes of everything in this image."],
-                       max_new_tokens=8)
-
-
-def test_prompt_ending_with_the_image_is_an_input_error(pipe, images):
-    with pytest.raises(InputError, match="expected text after the image placeholder"):
-        pipe.generate(images[:1], ["USER: Describe <image>"], max_new_tokens=1)
-
-
-@pytest.mark.parametrize("bad", [lambda: __import__("numpy").zeros((3, 5)), lambda: torch.zeros(3, 5),
-                                 lambda: __import__("PIL.Image").Image.new("RGB", (0, 0))])
-def test_unusable_images_give_one_line_input_errors(pipe, bad):
-    with pytest.raises(InputError) as err:
-        pipe.generate([bad()], ["What is shown?"], max_new_tokens=1)
-    assert "\n" not in str(err.value)
