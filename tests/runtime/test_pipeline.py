@@ -116,3 +116,23 @@ def test_dependencies_point_one_way(package, forbidden):
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_prompt_longer_than_the_positions_is_an_input_error(tiny, images):
+    short = reference_pipeline(tiny, "none", max_positions=80)
+    with pytest.raises(InputError, match="prompt too long"):
+        short.generate(images[:1], ["Describe the colours and the shapes of everything in this image."],
+                       max_new_tokens=8)
+
+
+def test_prompt_ending_with_the_image_is_an_input_error(pipe, images):
+    with pytest.raises(InputError, match="expected text after the image placeholder"):
+        pipe.generate(images[:1], ["USER: Describe <image>"], max_new_tokens=1)
+
+
+@pytest.mark.parametrize("bad", [lambda: __import__("numpy").zeros((3, 5)), lambda: torch.zeros(3, 5),
+                                 lambda: __import__("PIL.Image").Image.new("RGB", (0, 0))])
+def test_unusable_images_give_one_line_input_errors(pipe, bad):
+    with pytest.raises(InputError) as err:
+        pipe.generate([bad()], ["What is shown?"], max_new_tokens=1)
+    assert "\n" not in str(err.value)
