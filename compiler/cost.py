@@ -12,3 +12,16 @@ def decoder_flops(tokens: int, hidden_size: int, intermediate_size: int) -> floa
 def kv_cache_bytes(tokens: int, kv_heads: int, head_dim: int, bytes_per_value: int) -> int:
     """KV-cache bytes of one layer holding `tokens` tokens: `2 n kv_heads head_dim bytes`."""
     return 2 * tokens * kv_heads * head_dim * bytes_per_value
+
+
+def vision_flops(patches: int, width: int, mlp_width: int, layers: int, patch_pixels: int, text_width: int,
+                 cls_token: bool = True) -> float:
+    """FLOPs of the CLIP-style tower and projector in the same multiply-accumulate units as `decoder_flops`.
+
+    Patch embedding `N C p^2 d`, `layers` encoder layers over `N (+1)` tokens (`4 n d^2 + 2 n^2 d + 2 n d m`),
+    and the two-layer projector `N (d D + D^2)`. The part of the prefill that pruning never touches.
+    """
+    n = patches + (1 if cls_token else 0)
+    d, m = width, mlp_width
+    encoder = layers * (4.0 * n * d * d + 2.0 * n * n * d + 2.0 * n * d * m)
+    return patches * patch_pixels * d + encoder + patches * (d * text_width + text_width * text_width)

@@ -61,17 +61,37 @@ def _btp_average(info: ModelInfo) -> float:
         return _BTP_AVERAGE_SHARE * info.image_tokens
 
 
-def btp(info: ModelInfo) -> Plan:
+def btp(info: ModelInfo, scale: float = 1.0) -> Plan:
+    """The published schedule; `scale` multiplies every stage's keep (spatial seeds stay half the first keep)."""
     n0, square = info.image_tokens, info.grid[0] == info.grid[1]
     layers = _layers([x / 32 for x in _BTP_LAYERS], info.num_layers)
     stages = []
     for i, layer in enumerate(layers):
-        keep = _round(_BTP_KEEP[i] * n0)
-        spatial = _round(n0 / 4) if i == 0 and square else 0
+        keep = min(n0 - 1, _round(_BTP_KEEP[i] * n0 * scale))
+        spatial = _round(keep / 2) if i == 0 and square else 0
         attention = min(math.floor(_BTP_ATTENTION[i] * keep), keep - spatial)
+        alive = n0 if i == 0 else stages[-1]["keep"]
+        # Candidate pools cannot exceed what is left after the seeds (only binds for scaled-up keeps).
+        rho = min(_BTP_RHO[i], math.floor(100 * (alive - spatial) / attention) / 100) if attention else _BTP_RHO[i]
         stages.append({"layer": layer, "keep": keep, "spatial": spatial, "attention": attention,
-                       "rho": _BTP_RHO[i], "rebalance": attention > 0, "lambda": _BTP_LAMBDA[i]})
+                       "rho": rho, "rebalance": attention > 0, "lambda": _BTP_LAMBDA[i]})
     return _plan(info, stages, "preset:btp")
+
+
+def btp_budget(info: ModelInfo, share: float) -> Plan:
+    """`btp`'s schedule with its keeps scaled so that the layer-averaged image tokens are `share * N0`
+    (0.22 is the published 78% compression). Raises `PlanError` for a share the schedule cannot reach."""
+    layers = _layers([x / 32 for x in _BTP_LAYERS], info.num_layers)
+    n0, depth = info.image_tokens, info.num_layers
+    ends = [*layers[1:], depth]
+    unit = sum((end - layer) * k * n0 for layer, end, k in zip(layers, ends, _BTP_KEEP))  # tokens at scale 1
+    scale = (share * n0 * depth - layers[0] * n0) / unit
+    if not 0 < scale < 1 / _BTP_KEEP[0]:
+        lo, hi = layers[0] / depth, (layers[0] * n0 + unit / _BTP_KEEP[0]) / (n0 * depth)
+        raise PlanError(f"btp budget: a layer-averaged share of {share:g} is out of reach on a model with "
+                        f"{depth} layers; expected a share in ({lo:.3f}, {hi:.3f})")
+    plan = btp(info, scale)
+    return plan.model_copy(update={"calibration": {"method": f"preset:btp@{share:g}"}})
 
 
 def _average_keep(info: ModelInfo, layer: int, target: float) -> int:

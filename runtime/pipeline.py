@@ -253,7 +253,7 @@ class Pipeline:
 
     def _tokens(
         self, inp: Inputs, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, seed: int,
-        times: dict[str, float], logits_out: list | None, kept_out: list,
+        times: dict[str, float], logits_out: list | None, kept_out: list, min_new_tokens: int = 0,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row `[B]` (pad for rows already finished)."""
         if max_new_tokens < 1:
@@ -276,6 +276,8 @@ class Pipeline:
         for step in range(max_new_tokens):
             if logits_out is not None:
                 logits_out.append(logits)
+            if step < min_new_tokens and spec.eos_token_ids:  # EOS may not end the answer yet
+                logits = logits.index_fill(1, eos, float("-inf"))
             token = next_tokens(logits, do_sample, temperature, top_p, gen)
             token = torch.where(done, torch.full_like(token, spec.pad_token_id), token)
             if step == 0:
@@ -301,9 +303,11 @@ class Pipeline:
         top_p: float = 1.0,
         seed: int = 0,
         output_logits: bool = False,
+        min_new_tokens: int = 0,
     ) -> GenerateOutput:
         """Answer one prompt per image. Greedy by default; `do_sample` draws with `temperature`/`top_p`
-        from a generator seeded with `seed`. Rows stop at EOS (the EOS id is kept in `token_ids`)."""
+        from a generator seeded with `seed`. Rows stop at EOS (the EOS id is kept in `token_ids`), but not
+        before `min_new_tokens` tokens (EOS is masked until then, as in Hugging Face's `generate`)."""
         inp = self.prepare(images, prompts)
         times: dict[str, float] = defaultdict(float)
         logits: list[torch.Tensor] | None = [] if output_logits else None
@@ -312,7 +316,8 @@ class Pipeline:
         rows: list[list[int]] = [[] for _ in range(b)]
         finished = [False] * b
         eos = set(self.spec.eos_token_ids)
-        for token in self._tokens(inp, max_new_tokens, do_sample, temperature, top_p, seed, times, logits, kept):
+        for token in self._tokens(inp, max_new_tokens, do_sample, temperature, top_p, seed, times, logits, kept,
+                                  min_new_tokens):
             for r, t in enumerate(token.tolist()):
                 if not finished[r]:
                     rows[r].append(t)

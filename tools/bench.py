@@ -38,21 +38,51 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def unpruned_twin(root: Path, manifest) -> Path:
-    """The plan-`none` artifact with the same model, dtype and bounds, compiled once into a cache beside OUT."""
+def cached_artifact(root: Path, manifest, plan, label: str, log=print) -> Path:
+    """`plan` (a preset name or a `Plan`) compiled for OUT's model, dtype and bounds, once, into a cache
+    beside OUT keyed by the model fingerprint, the options and the plan itself."""
+    import hashlib
+
     from btp.compiler.build import BuildConfig, compile_artifact
     from btp.compiler.export import Limits
 
     b = manifest.build
     fp = manifest.model["fingerprint"][:16]
+    text = plan if isinstance(plan, str) else plan.to_json()
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     key = f"{fp}-{b.dtype}-o{b.opset}-b{b.max_batch}-p{b.max_prompt}-n{b.max_new_tokens}"
-    out = root.parent / ".btp-bench-cache" / f"none-{key}"
+    out = root.parent / ".btp-bench-cache" / (f"{label}-{key}" if label == "none" else f"{label}-{key}-{digest}")
     if (out / "manifest.json").is_file():
         return out
-    compile_artifact(BuildConfig(model=manifest.model["name"], plan="none", out=out, backend="onnxruntime",
+    log(f"compiling {label} (cached in {out.parent.name}/)")
+    spec = plan
+    if not isinstance(plan, str):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spec = str(out.parent / f"{out.name}.plan.json")
+        plan.save(spec)
+    compile_artifact(BuildConfig(model=manifest.model["name"], plan=spec, out=out, backend="onnxruntime",
                                  dtype=b.dtype, opset=b.opset, force=True,
                                  limits=Limits(b.max_batch, b.max_prompt, b.max_new_tokens)))
     return out
+
+
+def unpruned_twin(root: Path, manifest, log=print) -> Path:
+    """The plan-`none` artifact with the same model, dtype and bounds (cached beside OUT)."""
+    return cached_artifact(root, manifest, "none", "none", log)
+
+
+def fixed_flops(model) -> float:
+    """FLOPs of the prefill that no plan prunes: vision tower, projector and the LM head's last row."""
+    from btp.compiler.cost import vision_flops
+
+    cfg = model.config
+    v = cfg.vision_config
+    layer = cfg.vision_feature_layer
+    layers = layer if layer >= 0 else v.num_hidden_layers + 1 + layer
+    side = v.image_size // v.patch_size
+    vision = vision_flops(side * side, v.hidden_size, v.intermediate_size, layers,
+                          v.num_channels * v.patch_size**2, model.hidden_size)
+    return vision + model.hidden_size * cfg.text_config.vocab_size
 
 
 def make_prompt(tokenizer, text_tokens: int) -> str:
@@ -99,8 +129,12 @@ def _summary(runs: list[dict], graphs: list[str]) -> dict:
     }
 
 
+def _layer_averaged(plan) -> float:
+    return plan.average_image_tokens()
+
+
 def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: int, batch: int,
-          repeat: int, log=print) -> dict:
+          repeat: int, log=print, rebuild: bool = False) -> dict:
     """Run the benchmark; returns the report (`btp-bench --json`)."""
     from btp.compiler import load_model
     from btp.compiler.plan import Plan
@@ -115,18 +149,23 @@ def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: 
     images, prompts = [sample_image()] * batch, [prompt] * batch
     pipes = {"pruned": pruned}
     if "unpruned" in baselines:
-        log("compiling the unpruned twin (cached)")
-        pipes["unpruned"] = Pipeline.load(unpruned_twin(root, manifest))
+        twin = unpruned_twin(root, manifest, log)
+        if rebuild:
+            twin = _rebuild(twin, lambda: unpruned_twin(root, manifest, log))
+        pipes["unpruned"] = Pipeline.load(twin)
     graphs = {name: list(p.engines) for name, p in pipes.items()}
     runs: dict[str, list[dict]] = {name: [] for name in pipes}
     for p in pipes.values():  # warm-up
         p.generate(images, prompts, max_new_tokens=2)
-    for _ in range(repeat):
+    for i in range(repeat):
+        log(f"round {i + 1}/{repeat}")
         for name, p in pipes.items():  # interleaved: pruned, unpruned, pruned, ...
-            out_ = p.generate(images, prompts, max_new_tokens=new_tokens)
+            out_ = p.generate(images, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
             runs[name].append(dict(out_.timings))
-    report: dict = {"artifact": str(root), "prompt_tokens": len(pruned.prepare(images[:1], prompts[:1]).input_ids[0]),
-                    "text_tokens": prompt_tokens, "new_tokens": new_tokens, "batch": batch, "repeat": repeat}
+    prompt_len = len(pruned.prepare(images[:1], prompts[:1]).input_ids[0])
+    text_tokens = prompt_len - manifest.model["image_tokens"]
+    report: dict = {"artifact": str(root), "prompt_tokens": prompt_len, "text_tokens": text_tokens,
+                    "new_tokens": new_tokens, "batch": batch, "repeat": repeat}
     for name in pipes:
         report[name] = _summary(runs[name], graphs[name])
         report[name]["kv_cache_bytes"] = _kv_bytes(pipes[name], images, prompts)
@@ -134,34 +173,153 @@ def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: 
     m = manifest.model
     d, inter = m["hidden_size"], m["intermediate_size"]
     none = Plan.parse({**manifest.plan, "stages": []})
-    flops_pruned, flops_none = plan.flops(d, inter, prompt_tokens), none.flops(d, inter, prompt_tokens)
-    report["flops"] = {"pruned": flops_pruned, "unpruned": flops_none, "ideal_speedup": flops_none / flops_pruned,
-                       "layer_averaged_image_tokens": plan.average_image_tokens()}
+    model = load_model(m["name"], dtype=manifest.build.dtype)
+    fixed = fixed_flops(model)
+    flops_pruned, flops_none = plan.flops(d, inter, text_tokens), none.flops(d, inter, text_tokens)
+    report["flops"] = {
+        "pruned": flops_pruned, "unpruned": flops_none, "fixed": fixed,
+        "ideal_speedup": flops_none / flops_pruned,
+        "ideal_ttft_speedup": (fixed + flops_none) / (fixed + flops_pruned),
+        "layer_averaged_image_tokens": plan.average_image_tokens(),
+    }
     p = report["pruned"]
+    decoder = lambda r: sum(v for k, v in r["prefill_ms"].items() if k.startswith(("stage", "prune")))  # noqa: E731
     ratios = {"prune_overhead": sum(v for k, v in p["prefill_ms"].items() if k.startswith("prune")) / p["ttft_ms"]}
     if "unpruned" in pipes:
         u = report["unpruned"]
         ratios["speedup"] = u["ttft_ms"] / p["ttft_ms"]
-        ratios["efficiency"] = ratios["speedup"] / report["flops"]["ideal_speedup"]
+        ratios["efficiency"] = ratios["speedup"] / report["flops"]["ideal_ttft_speedup"]
+        ratios["decoder_speedup"] = decoder(u) / decoder(p)
+        ratios["decoder_efficiency"] = ratios["decoder_speedup"] / report["flops"]["ideal_speedup"]
         ratios["kv_cache_reduction"] = u["kv_cache_bytes"] / p["kv_cache_bytes"]
         ratios["decode_speedup"] = p["decode_tokens_per_s"] / u["decode_tokens_per_s"]
     if "hf" in baselines:
         log("running the Hugging Face baseline")
-        model = load_model(m["name"], dtype=manifest.build.dtype)
         hf = _hf_times(model, pruned.prepare(images, prompts), new_tokens, repeat)
         report["hf"] = hf
         ratios["vs_hf_ttft_pruned"] = p["ttft_ms"] / hf["ttft_ms"]
         ratios["vs_hf_decode_pruned"] = p["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
         if "unpruned" in pipes:
             ratios["vs_hf_ttft_unpruned"] = report["unpruned"]["ttft_ms"] / hf["ttft_ms"]
+            ratios["vs_hf_decode_unpruned"] = report["unpruned"]["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
     report["ratios"] = ratios
-    report["environment"] = {
+    report["environment"] = _environment(manifest)
+    return report
+
+
+def _environment(manifest) -> dict:
+    return {
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "backend": "onnxruntime", "python": platform.python_version(), "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__, "dtype": manifest.build.dtype,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    return report
+
+
+def _rebuild(path: Path, compile_again) -> Path:
+    import shutil
+
+    shutil.rmtree(path)
+    return compile_again()
+
+
+SWEEP_SHARES = (0.11, 0.15, 0.22, 0.3, 0.35)
+
+
+def sweep_plans(kind: str, model, names: list[str] | None = None) -> dict:
+    """Plans of a sweep: `presets` (every preset) or `budgets` (`btp` scaled to layer-averaged shares of
+    `SWEEP_SHARES` that the model's depth can reach, plus `none`). Returns label -> Plan."""
+    from btp.compiler.presets import PRESETS, btp_budget, model_info, resolve_plan
+    from btp.runtime.errors import PlanError
+
+    plans = {}
+    if kind == "presets":
+        for name in names or list(PRESETS):
+            if name not in PRESETS:
+                raise InputError(f"--plans: unknown preset {name!r}; expected some of {', '.join(PRESETS)}")
+            try:
+                plans[name] = resolve_plan(name, model)
+            except PlanError:
+                continue  # a preset that does not fit this model's depth is left out of the sweep
+    elif kind == "budgets":
+        info = model_info(model)
+        plans["none"] = resolve_plan("none", model)
+        for share in ([float(x) for x in names] if names else SWEEP_SHARES):
+            try:
+                plans[f"btp@{share:g}"] = btp_budget(info, share)
+            except PlanError:
+                continue
+    else:
+        raise InputError(f"--sweep takes presets or budgets, got {kind!r}")
+    return plans
+
+
+def sweep(out: str | Path, kind: str, prompt_tokens: int, batch: int, repeat: int, names: list[str] | None = None,
+          log=print) -> dict:
+    """Compile the plans of `kind` for OUT's model and bounds (cached), and measure each one's time to first
+    token, interleaved. Returns {"sweep", "points": [{plan, layer_averaged_image_tokens, flops, ttft_ms, ...}]}."""
+    from btp.compiler import load_model
+    from btp.compiler.plan import Plan
+
+    root = Path(out)
+    manifest = read_manifest(root)
+    model = load_model(manifest.model["name"], dtype=manifest.build.dtype)
+    plans = sweep_plans(kind, model, names)
+    if not plans:
+        raise InputError(f"--sweep {kind}: no plan fits this model")
+    own = Plan.parse(manifest.plan)
+
+    def artifact_of(label, plan) -> Path:
+        if (plan.score, plan.stages) == (own.score, own.stages):
+            return root  # OUT itself is one of the sweep's plans
+        return cached_artifact(root, manifest, "none" if label == "none" else plan, label, log)
+
+    pipes = {label: Pipeline.load(artifact_of(label, plan)) for label, plan in plans.items()}
+    first = next(iter(pipes.values()))
+    prompt = make_prompt(first.processor.tokenizer, prompt_tokens)
+    images, prompts = [sample_image()] * batch, [prompt] * batch
+    text_tokens = len(first.prepare(images[:1], prompts[:1]).input_ids[0]) - manifest.model["image_tokens"]
+    ttft: dict[str, list[float]] = {label: [] for label in pipes}
+    for p in pipes.values():
+        p.generate(images, prompts, max_new_tokens=1)
+    for i in range(repeat):
+        log(f"round {i + 1}/{repeat}")
+        for label, p in pipes.items():
+            ttft[label].append(p.generate(images, prompts, max_new_tokens=1).timings["ttft_ms"])
+    d, inter = model.hidden_size, model.intermediate_size
+    fixed = fixed_flops(model)
+    points = [{"plan": label, "layer_averaged_image_tokens": plan.average_image_tokens(),
+               "flops": fixed + plan.flops(d, inter, text_tokens), "ttft_ms": statistics.median(ttft[label]),
+               "ttft_min_ms": min(ttft[label])} for label, plan in plans.items()]
+    return {"artifact": str(root), "sweep": kind, "batch": batch, "repeat": repeat, "text_tokens": text_tokens,
+            "points": points, "environment": _environment(manifest)}
+
+
+def plot_sweep(report: dict, path: str | Path) -> Path:
+    """TTFT against layer-averaged image tokens, one labelled point per plan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted(report["points"], key=lambda q: q["layer_averaged_image_tokens"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    x = [q["layer_averaged_image_tokens"] for q in pts]
+    y = [q["ttft_ms"] for q in pts]
+    ax.plot(x, y, "o-" if report["sweep"] == "budgets" else "o", color="#7aa6d8")
+    for q in pts:
+        ax.annotate(q["plan"], (q["layer_averaged_image_tokens"], q["ttft_ms"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("layer-averaged image tokens")
+    ax.set_ylabel("time to first token, median (ms)")
+    ax.set_title(f"btp-bench --sweep {report['sweep']} (batch {report['batch']})")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def plot(report: dict, path: str | Path) -> Path:
@@ -207,19 +365,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--plot", help="PNG of the breakdown and the ratios")
+    p.add_argument("--plot", help="PNG of the breakdown and the ratios (with --sweep: TTFT against tokens)")
+    p.add_argument("--sweep", choices=["presets", "budgets"],
+                   help="compile several plans for OUT's model (cached) and measure TTFT against tokens")
+    p.add_argument("--plans", help="with --sweep: comma list of presets, or of layer-averaged shares for budgets")
+    p.add_argument("--rebuild", action="store_true", help="recompile the cached unpruned twin")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
 
     def body() -> int:
+        if min(args.repeat, args.new_tokens, args.batch, args.prompt_tokens) < 1:
+            raise InputError("--repeat, --new-tokens, --batch and --prompt-tokens must be >= 1")
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        if args.sweep:
+            names = [x.strip() for x in args.plans.split(",") if x.strip()] if args.plans else None
+            if args.sweep == "budgets" and names:
+                try:
+                    [float(x) for x in names]
+                except ValueError as err:
+                    raise InputError(f"--plans with --sweep budgets takes shares such as 0.22,0.11: {err}") from None
+            report = sweep(args.artifact, args.sweep, args.prompt_tokens, args.batch, args.repeat, names, log)
+            if args.plot:
+                plot_sweep(report, args.plot)
+            print(json.dumps(report)) if args.json else _print_sweep(report)
+            return 0
+        if args.plans:
+            raise InputError("--plans goes with --sweep")
         baselines = {b.strip() for b in args.baseline.split(",") if b.strip()}
         unknown = baselines - {"unpruned", "hf"}
         if unknown:
             raise InputError(f"--baseline takes unpruned and/or hf, got {sorted(unknown)}")
-        if min(args.repeat, args.new_tokens, args.batch, args.prompt_tokens) < 1:
-            raise InputError("--repeat, --new-tokens, --batch and --prompt-tokens must be >= 1")
         report = bench(args.artifact, baselines, args.prompt_tokens, args.new_tokens, args.batch, args.repeat,
-                       log=lambda m: print(m, file=sys.stderr))
+                       log=log, rebuild=args.rebuild)
         if args.plot:
             plot(report, args.plot)
         if args.json:
@@ -246,6 +423,19 @@ def _print(report: dict) -> None:
             table.add_row(name, f"{r['ttft_ms']:.1f}", f"{r['ttft_min_ms']:.1f}", f"{r['decode_tokens_per_s']:.1f}", kv)
     console.print(table)
     f = report["flops"]
-    console.print(f"FLOPs ideal prefill speedup {f['ideal_speedup']:.2f} "
+    console.print(f"FLOPs ideal prefill speedup {f['ideal_speedup']:.2f} decoder only, "
+                  f"{f['ideal_ttft_speedup']:.2f} with the vision tower "
                   f"({f['layer_averaged_image_tokens']:.1f} layer-averaged image tokens)")
     console.print("  ".join(f"{k} {v:.3f}" for k, v in report["ratios"].items()))
+
+
+def _print_sweep(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("plan", "layer-averaged image tokens", "GFLOPs (MAC)", "TTFT median ms", "TTFT min ms",
+                  title=f"btp-bench --sweep {report['sweep']} {report['artifact']}")
+    for q in sorted(report["points"], key=lambda q: -q["layer_averaged_image_tokens"]):
+        table.add_row(q["plan"], f"{q['layer_averaged_image_tokens']:.1f}", f"{q['flops'] / 1e9:.1f}",
+                      f"{q['ttft_ms']:.1f}", f"{q['ttft_min_ms']:.1f}")
+    Console(highlight=False).print(table)

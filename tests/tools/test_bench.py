@@ -20,7 +20,12 @@ def test_bench_reports_ratios_against_unpruned_and_hugging_face(artifact, tmp_pa
     assert report["hf"]["ttft_ms"] > 0
     r = report["ratios"]
     assert r["speedup"] == report["unpruned"]["ttft_ms"] / report["pruned"]["ttft_ms"]
-    assert abs(r["efficiency"] - r["speedup"] / report["flops"]["ideal_speedup"]) < 1e-12
+    f = report["flops"]
+    assert abs(r["efficiency"] - r["speedup"] / f["ideal_ttft_speedup"]) < 1e-12
+    assert abs(r["decoder_efficiency"] - r["decoder_speedup"] / f["ideal_speedup"]) < 1e-12
+    # The vision tower is a cost no plan prunes, so the whole-prefill ideal is below the decoder's.
+    assert 1 < f["ideal_ttft_speedup"] < f["ideal_speedup"] and f["fixed"] > 0
+    assert report["text_tokens"] == report["prompt_tokens"] - 64
     assert 0 < r["prune_overhead"] < 1
     # Pruning shrinks the KV cache: fewer tokens in every stage from the first boundary on.
     assert r["kv_cache_reduction"] > 1.2
@@ -33,3 +38,37 @@ def test_bench_reports_ratios_against_unpruned_and_hugging_face(artifact, tmp_pa
 def test_bench_bad_baseline_exits_2(artifact, capsys):
     assert bench.main([str(artifact("btp")), "--baseline", "trt"]) == 2
     assert "--baseline takes unpruned and/or hf" in capsys.readouterr().err
+
+
+def test_sweep_presets_measures_each_plan(artifact, tmp_path, capsys):
+    out = artifact("btp")
+    png = tmp_path / "sweep.png"
+    code = bench.main([str(out), "--sweep", "presets", "--plans", "btp,none", "--repeat", "1", "--prompt-tokens",
+                       "8", "--json", "--plot", str(png)])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    points = {p["plan"]: p for p in report["points"]}
+    assert set(points) == {"btp", "none"}
+    assert points["none"]["layer_averaged_image_tokens"] == 64
+    assert points["btp"]["layer_averaged_image_tokens"] < 64
+    assert points["btp"]["flops"] < points["none"]["flops"]
+    assert all(p["ttft_ms"] > 0 for p in points.values())
+    with Image.open(png) as im:
+        assert im.width > 400
+
+
+def test_budget_sweep_plans_hit_their_shares():
+    from btp.compiler import load_model
+
+    model = load_model("builtin:tiny-llava")
+    plans = bench.sweep_plans("budgets", model, ["0.15", "0.22", "0.3", "0.05"])
+    assert set(plans) == {"none", "btp@0.15", "btp@0.22", "btp@0.3"}  # 0.05 is below the first cut's floor
+    for share in (0.15, 0.22, 0.3):
+        assert abs(plans[f"btp@{share:g}"].average_image_tokens() / 64 - share) < 0.01
+
+
+def test_sweep_bad_arguments_exit_2(artifact, capsys):
+    assert bench.main([str(artifact("btp")), "--sweep", "budgets", "--plans", "half"]) == 2
+    assert "--plans with --sweep budgets takes shares" in capsys.readouterr().err
+    assert bench.main([str(artifact("btp")), "--plans", "btp"]) == 2
+    assert "--plans goes with --sweep" in capsys.readouterr().err
