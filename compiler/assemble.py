@@ -52,7 +52,7 @@ def build_graphs(model, plan: Plan, max_positions: int | None = None) -> tuple[d
             graphs[st.prune] = PruneGraph(st.prune, recipe_of[st.prune], t.hidden_size, dtype)
         graphs[st.name] = StageGraph(
             st.name, [layers[i] for i in st.layers], st.layers[0], rotary, t.num_key_value_heads, head_dim,
-            t.hidden_size, dtype, score_mode=plan.score if wants_scores else None,
+            t.hidden_size, dtype, score_mode=plan.score if wants_scores else None, final=nxt is None,
         )
     graphs["head"] = fam.head(hf, dtype)
     tok = model.processor.tokenizer

@@ -88,16 +88,24 @@ class Attention(nn.Module):
         past_key: torch.Tensor,
         past_value: torch.Tensor,
         score_mode: str | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`x [B,T,D]`, mask `[B,1,1,T,S]`, past `[B,Hkv,P,Dh]` -> out `[B,T,D]`, present k/v `[B,Hkv,S,Dh]`,
-        and with `score_mode` ("logits" | "probs") the head-mean attention of the last query, fp32 `[B,S]`."""
+        and with `score_mode` ("logits" | "probs") the head-mean attention of the last query, fp32 `[B,S]`.
+
+        `last_only` attends with the last query row alone (out `[B,1,D]`) while keys and values still cover
+        every token: the model's final layer, whose other rows nothing reads."""
         b, t, _ = x.shape
         hkv, g, dh = self.num_kv_heads, self.groups, self.head_dim
-        # Queries are laid out under their KV head, [B,Hkv,G,T,Dh]: K and V are broadcast, never repeated.
-        q = self.q_proj(x).view(b, t, hkv, g, dh).permute(0, 2, 3, 1, 4)
         k = self.k_proj(x).view(b, t, hkv, dh).transpose(1, 2)  # [B,Hkv,T,Dh]
         v = self.v_proj(x).view(b, t, hkv, dh).transpose(1, 2)
-        q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if last_only:
+            x, cos, sin, mask = x[:, -1:], cos[:, :, -1:], sin[:, :, -1:], mask[..., -1:, :]
+            t = 1
+        # Queries are laid out under their KV head, [B,Hkv,G,T,Dh]: K and V are broadcast, never repeated.
+        q = self.q_proj(x).view(b, t, hkv, g, dh).permute(0, 2, 3, 1, 4)
+        q = apply_rotary(q, cos[:, None], sin[:, None])
         key = torch.cat((past_key, k), dim=2)  # [B,Hkv,S,Dh]
         value = torch.cat((past_value, v), dim=2)
 
@@ -142,9 +150,13 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(hf_layer.post_attention_layernorm.weight, eps)
         self.mlp = MLP(hf_layer.mlp)
 
-    def forward(self, x, cos, sin, mask, past_key, past_value, score_mode=None):
-        """`x [B,T,D]` -> `x [B,T,D]`, present k/v `[B,Hkv,S,Dh]`, scores fp32 `[B,S]` or None."""
-        h, key, value, scores = self.attn(self.input_norm(x), cos, sin, mask, past_key, past_value, score_mode)
+    def forward(self, x, cos, sin, mask, past_key, past_value, score_mode=None, last_only=False):
+        """`x [B,T,D]` -> `x [B,T,D]` (`[B,1,D]` with `last_only`), present k/v `[B,Hkv,S,Dh]`, scores fp32
+        `[B,S]` or None."""
+        h, key, value, scores = self.attn(self.input_norm(x), cos, sin, mask, past_key, past_value, score_mode,
+                                          last_only)
+        if last_only:
+            x = x[:, -1:]
         x = x + h
         x = x + self.mlp(self.post_norm(x))
         return x, key, value, scores

@@ -14,7 +14,8 @@ class StageGraph(nn.Module):
 
     Inputs: `inputs_embeds [B,T,D]`, `position_ids [B,T]` int64, `attention_mask [B,P+T]` int64, then
     `past_key_values.{i}.key/value [B,Hkv,P,Dh]` for each layer `i`. Outputs: `hidden_states [B,T,D]`,
-    `present.{i}.key/value [B,Hkv,P+T,Dh]`, and (when `score_mode` is set) `scores [B,P+T]` fp32: the
+    `present.{i}.key/value [B,Hkv,P+T,Dh]` (a `final` stage, the model's last, outputs `hidden_states [B,1,D]`,
+    the row the head reads), and (when `score_mode` is set) `scores [B,P+T]` fp32: the
     head-mean attention of the last query row in the stage's last layer, which the next prune graph ranks by.
     """
 
@@ -29,6 +30,7 @@ class StageGraph(nn.Module):
         hidden_size: int,
         dtype: torch.dtype,
         score_mode: str | None = None,
+        final: bool = False,
     ):
         super().__init__()
         if score_mode not in (None, "logits", "probs"):
@@ -40,6 +42,7 @@ class StageGraph(nn.Module):
         self.num_kv_heads, self.head_dim, self.hidden_size = num_kv_heads, head_dim, hidden_size
         self.dtype = dtype
         self.score_mode = score_mode
+        self.final = final
 
     @property
     def layer_ids(self) -> list[int]:
@@ -53,7 +56,9 @@ class StageGraph(nn.Module):
             TensorSpec("position_ids", torch.int64, (BATCH, SEQ)),
             TensorSpec("attention_mask", torch.int64, (BATCH, TOTAL)),
         ]
-        outputs = [TensorSpec("hidden_states", self.dtype, (BATCH, SEQ, self.hidden_size))]
+        # The model's last stage hands only the last row to the head: its last layer computes nothing else.
+        rows = 1 if self.final else SEQ
+        outputs = [TensorSpec("hidden_states", self.dtype, (BATCH, rows, self.hidden_size))]
         for i in self.layer_ids:
             for kind in ("key", "value"):
                 inputs.append(TensorSpec(past_name(i, kind), self.dtype, kv))
@@ -75,7 +80,7 @@ class StageGraph(nn.Module):
         for j, layer in enumerate(self.layers):
             mode = self.score_mode if j == last else None
             x, key, value, layer_scores = layer(
-                x, cos, sin, mask, past_key_values[2 * j], past_key_values[2 * j + 1], mode
+                x, cos, sin, mask, past_key_values[2 * j], past_key_values[2 * j + 1], mode, self.final and j == last
             )
             presents += [key, value]
             if layer_scores is not None:

@@ -77,3 +77,27 @@ def test_additive_mask_is_causal_over_past_and_hides_padding():
     m = additive_mask(torch.tensor([[0, 1, 1, 1, 1]]), seq=2)  # past 3 (first is padding), 2 new
     allowed = (m[0, 0, 0] == 0).tolist()
     assert allowed == [[False, True, True, True, False], [False, True, True, True, True]]
+
+
+def test_final_stage_computes_only_the_row_the_head_reads(tiny):
+    """The model's last stage returns `[B,1,D]`: the last row of the full computation, with the same caches."""
+    from btp.graphs import StageGraph
+
+    graphs, spec = build_graphs(tiny, resolve_plan("none", tiny))
+    final = graphs["stage0"]
+    assert final.final and final.spec().outputs[0].shape[1] == 1
+    full = StageGraph("full", list(final.layers), 0, final.rotary, final.num_kv_heads, final.head_dim,
+                      final.hidden_size, final.dtype)
+    torch.manual_seed(0)
+    b, t = 2, 9
+    x = torch.randn(b, t, tiny.hidden_size)
+    pos = torch.arange(t)[None].expand(b, -1)
+    mask = torch.ones(b, t, dtype=torch.int64)
+    mask[1, :3] = 0  # a left-padded row
+    past = [torch.zeros(b, final.num_kv_heads, 0, final.head_dim)] * (2 * len(final.layers))
+    with torch.no_grad():
+        ours, theirs = final(x, pos, mask, *past), full(x, pos, mask, *past)
+    assert ours[0].shape == (b, 1, tiny.hidden_size)
+    assert (ours[0] - theirs[0][:, -1:]).abs().max().item() <= 1e-6
+    for a, c in zip(ours[1:], theirs[1:]):
+        assert torch.equal(a, c)
