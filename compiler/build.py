@@ -8,6 +8,7 @@ interrupted build leaves nothing that `Pipeline.load` would accept.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ class BuildConfig:
     limits: Limits = field(default_factory=Limits)
     opset: int = 18
     force: bool = False
+    workspace_gib: float = 4.0  # TensorRT builder workspace limit (used by --backend tensorrt only)
 
 
 @dataclass
@@ -111,6 +113,8 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
     backend = resolve_backend(cfg.backend)
     if cfg.dtype not in DTYPES:
         raise BuildError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if not (isinstance(cfg.workspace_gib, int | float) and math.isfinite(cfg.workspace_gib) and cfg.workspace_gib > 0):
+        raise BuildError(f"--workspace must be a number of GiB > 0, got {cfg.workspace_gib!r}")
     _check_out(out, cfg.force)
     model = load_model(cfg.model, dtype=cfg.dtype)
     plan = resolve_plan(cfg.plan, model)
@@ -158,6 +162,7 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
 
             engines = build_engines(tmp, infos, chain.to_dict(),
                                     Bounds(lim.max_batch, lim.max_prompt, lim.max_new_tokens, chain.image_tokens),
+                                    workspace_gib=cfg.workspace_gib,
                                     on_graph=on_graph and (lambda n, _p: on_graph(n, "engine", None)))
             trt_version = tensorrt.__version__
         model.processor.save_pretrained(tmp / "processor")
@@ -168,7 +173,8 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
             plan=plan.model_dump(mode="json", by_alias=True, exclude_none=True),
             chain=chain.to_dict(),
             build=BuildOptions(backend=backend, dtype=cfg.dtype, opset=cfg.opset, max_batch=lim.max_batch,
-                               max_prompt=lim.max_prompt, max_new_tokens=lim.max_new_tokens),
+                               max_prompt=lim.max_prompt, max_new_tokens=lim.max_new_tokens,
+                               workspace_gib=cfg.workspace_gib if backend == "tensorrt" else None),
             graphs=infos,
             files=file_table(tmp),
             engines=engines,

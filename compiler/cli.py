@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
                    help="longest prompt in tokens, image tokens included (default: 1024)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: 256)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..20 (default: 18)")
+    p.add_argument("--workspace", type=float, default=4.0, metavar="GIB",
+                   help="TensorRT builder workspace limit in GiB, > 0 (default: 4; --backend tensorrt only)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--check", action="store_true", help="run btp-check on the artifact after the build")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BuildConfig(
         model=args.model, plan=args.plan, out=args.out, backend=args.backend, dtype=args.dtype,
         limits=Limits(max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens),
-        opset=args.opset, force=args.force,
+        opset=args.opset, force=args.force, workspace_gib=args.workspace,
     )
 
     def body() -> int:

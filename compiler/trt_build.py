@@ -2,8 +2,8 @@
 
 Strongly typed networks (precision comes from the exported graph; the FP16/BF16 builder flags are gone
 in TensorRT 10.12+/11), `parse_from_file` so external weights resolve, parser errors reported with the
-node, a workspace limit, a persistent timing cache in the artifact, and the optimization profiles of
-`trt_profiles`, derived from the graph I/O specs.
+node, a workspace limit (`btp-compile --workspace`), a persistent timing cache in the artifact, and the
+optimization profiles of `trt_profiles`, derived from the graph I/O specs.
 """
 
 from __future__ import annotations

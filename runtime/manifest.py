@@ -57,6 +57,7 @@ class BuildOptions(BaseModel):
     max_batch: int
     max_prompt: int
     max_new_tokens: int
+    workspace_gib: float | None = None  # TensorRT builder workspace limit (TensorRT builds only)
 
 
 class Manifest(BaseModel):

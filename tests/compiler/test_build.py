@@ -6,9 +6,9 @@ import shutil
 import pytest
 
 from btp.compiler import cli, resolve_plan
-from btp.compiler.build import BuildConfig, compile_artifact
+from btp.compiler.build import BuildConfig, BuildError, compile_artifact
 from btp.runtime import ArtifactError, Pipeline
-from btp.runtime.manifest import ARTIFACT_FORMAT, MANIFEST, read_manifest
+from btp.runtime.manifest import ARTIFACT_FORMAT, MANIFEST, Manifest, read_manifest
 
 SMALL = ["--max-prompt", "256", "--max-new-tokens", "64"]
 
@@ -38,6 +38,9 @@ BAD = {
     "foreign-plan": (["builtin:tiny-llava", "--plan", "{foreign}"], "model.fingerprint"),
     "small-prompt": (["builtin:tiny-llava", "--plan", "btp", "--max-prompt", "64"], "--max-prompt 64"),
     "bad-opset": (["builtin:tiny-llava", "--plan", "btp", "--opset", "13"], "--opset must be in 17..20"),
+    "zero-workspace": (["builtin:tiny-llava", "--plan", "btp", "--workspace", "0"], "--workspace must be"),
+    "negative-workspace": (["builtin:tiny-llava", "--plan", "btp", "--workspace", "-1"], "got -1.0"),
+    "nan-workspace": (["builtin:tiny-llava", "--plan", "btp", "--workspace", "nan"], "--workspace must be"),
 }
 
 
@@ -158,3 +161,30 @@ def test_graph_io_that_disagrees_with_the_manifest_is_refused(copy_of):
     (root / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"prune2\.onnx: graph outputs .* disagree with the manifest"):
         Pipeline.load(root)
+
+
+def test_workspace_option_reaches_the_build_config(monkeypatch, tmp_path, capsys):
+    assert cli.parser().parse_args(["m", "--plan", "btp", "-o", "x"]).workspace == 4.0
+    assert cli.parser().parse_args(["m", "--plan", "btp", "-o", "x", "--workspace", "2.5"]).workspace == 2.5
+    with pytest.raises(SystemExit) as exc:  # not a number: argparse's usage error, exit 2
+        cli.parser().parse_args(["m", "--plan", "btp", "-o", "x", "--workspace", "lots"])
+    assert exc.value.code == 2
+    seen = []
+
+    def fake_compile(cfg, on_graph=None):
+        seen.append(cfg)
+        raise BuildError("stop here")
+
+    monkeypatch.setattr(cli, "compile_artifact", fake_compile)
+    code, _, err = _run(["builtin:tiny-llava", "--plan", "btp", "-o", str(tmp_path / "o"), "--workspace", "0.5"],
+                        capsys)
+    assert code == 2 and "stop here" in err
+    assert seen[0].workspace_gib == 0.5 and BuildConfig(model="m", plan="btp", out=tmp_path).workspace_gib == 4.0
+
+
+def test_onnxruntime_builds_record_no_workspace_and_older_manifests_still_read(artifact):
+    root = artifact("btp")
+    assert read_manifest(root).build.workspace_gib is None  # a TensorRT build option only
+    data = json.loads((root / MANIFEST).read_text())
+    del data["build"]["workspace_gib"]  # written before the field existed
+    assert Manifest.model_validate(data).build.workspace_gib is None
