@@ -58,6 +58,13 @@ def phase_dims(name: str, chain: dict, b: Bounds) -> list[dict[str, Range]]:
     return [{"batch": batch}]
 
 
+def manifest_profiles(manifest, name: str) -> list[dict[str, tuple[list[int], ...]]]:
+    """The profiles `btp-compile` built graph `name`'s engine with, recomputed from the artifact's manifest."""
+    b = manifest.build
+    bounds = Bounds(b.max_batch, b.max_prompt, b.max_new_tokens, manifest.chain["image_tokens"])
+    return profiles(name, manifest.graphs[name].inputs, manifest.chain, bounds)
+
+
 def profiles(name: str, inputs: list, chain: dict, b: Bounds) -> list[dict[str, tuple[list[int], ...]]]:
     """`inputs` are the graph's manifest `TensorInfo`s -> per profile, input name -> (min, opt, max) shapes."""
     out = []

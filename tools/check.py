@@ -2,11 +2,13 @@
 
 Inputs are captured from a real run of the reference chain on sample images and prompts (prefill and
 decode), so prune graphs see realistic score margins. Per graph, Polygraphy's `Comparator` runs a torch
-runner (the `graphs` module), `OnnxrtRunner` and, where TensorRT is importable, nothing more yet, over the
-same feeds; fp32 artifacts compare elementwise (atol = rtol = 1e-4), fp16/bf16 ones by error statistics.
-`keep_indices` compare as sets; a difference the reference itself flips under a perturbation of the
-dtype's resolution is a tie, not a failure. End to end, greedy tokens of the artifact's pipeline are
-compared with the reference's for every sample.
+runner (the `graphs` module) and `OnnxrtRunner` over the same feeds and, where the artifact has TensorRT
+engines and TensorRT is importable, `TrtRunner` on the engine: one runner per optimization profile, each
+over the feeds whose shapes fit that profile (prefill or decode). fp32 artifacts compare elementwise with
+ONNX Runtime (atol = rtol = 1e-4); fp16/bf16 ones, and TensorRT's fp32 engines (TF32, TensorRT's default,
+has fp16's mantissa), by error statistics. `keep_indices` compare as sets; a difference the reference
+itself flips under a perturbation of the dtype's resolution is a tie, not a failure. End to end, greedy
+tokens of the artifact's pipeline are compared with the reference's for every sample.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from btp.runtime import Pipeline
 from btp.runtime.cli import run_main
 from btp.runtime.errors import InputError
 from btp.runtime.manifest import read_manifest
+from btp.runtime.tensorrt_backend import fit_profile, tensorrt_version
 
 FP32_TOL = 1e-4
 # fp16/bf16 thresholds: median relative error, its 99th percentile, and the cosine of every output.
@@ -81,9 +84,79 @@ class GraphReport:
     graph: str
     feeds: int
     passed: bool
-    worst: dict[str, float] = field(default_factory=dict)  # output -> max abs error
+    worst: dict[str, float] = field(default_factory=dict)  # output -> max abs error over every runner
     ties: int = 0
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # "runner: output (feed i): why"
+    runners: list[str] = field(default_factory=list)  # compared with the torch reference
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)  # runner -> output -> max abs error
+    profile_feeds: list[int] = field(default_factory=list)  # TensorRT: feeds run per optimization profile
+
+
+def tensorrt_skip_reason(manifest) -> str | None:
+    """Why btp-check runs no TensorRT runner on this artifact (one line), or None when it does."""
+    if not manifest.engines:
+        return "the artifact has no TensorRT engines (built with --backend onnxruntime)"
+    found = tensorrt_version()
+    if found is None:
+        return "tensorrt is not importable here"
+    if manifest.tensorrt is not None and manifest.tensorrt != found:
+        return f"the engines were built by TensorRT {manifest.tensorrt}, this is TensorRT {found}"
+    return None
+
+
+def group_by_profile(feeds: list[dict], ranges) -> tuple[dict[int, list[int]], list[int]]:
+    """Feed indices per optimization profile (the first whose range holds every input's shape, as
+    `TrtEngine` picks), and the indices of feeds that fit none. `ranges` as `fit_profile` takes them."""
+    groups: dict[int, list[int]] = {}
+    unfit = []
+    for i, feed in enumerate(feeds):
+        p = fit_profile({k: tuple(v.shape) for k, v in feed.items()}, ranges)
+        if p is None:
+            unfit.append(i)
+        else:
+            groups.setdefault(p, []).append(i)
+    return dict(sorted(groups.items())), unfit
+
+
+@dataclass
+class TrtTarget:
+    """One graph's engine for the TensorRT runner: its file and its profiles' (min, opt, max) shapes."""
+
+    engine: Path
+    ranges: list
+
+
+def _run_tensorrt(name: str, target: TrtTarget, feeds: list[dict]) -> tuple[dict[int, dict], list[int], list[str]]:
+    """Polygraphy `TrtRunner`s (one per optimization profile) over the feeds that fit each profile:
+    feed index -> outputs, feeds run per profile, and failures (feeds fitting no profile, runs that raised)."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator
+
+    groups, unfit = group_by_profile(feeds, target.ranges)
+    failures = [f"tensorrt: feed {i} fits none of the engine's profiles "
+                f"({ {k: tuple(v.shape) for k, v in feeds[i].items()} })" for i in unfit]
+    outputs: dict[int, dict] = {}
+    try:
+        engine = EngineFromBytes(BytesFromPath(str(target.engine)))()  # deserialized once; a context per runner
+    except Exception as err:  # noqa: BLE001 - reported as this graph's failure
+        return outputs, [0] * len(target.ranges), failures + [f"tensorrt: cannot load {target.engine.name}: "
+                                                              f"{_first_line(err)}"]
+    for p, idx in groups.items():
+        try:
+            runner = TrtRunner(engine, name=f"trt-{name}-profile{p}", optimization_profile=p)
+            # torch feeds (bf16 included, which numpy lacks); TrtRunner copies them to the GPU and back.
+            results = Comparator.run([runner], data_loader=[feeds[i] for i in idx])
+        except Exception as err:  # noqa: BLE001 - reported as this graph's failure
+            failures.append(f"tensorrt: profile {p} ({len(idx)} feeds) failed: {_first_line(err)}")
+            continue
+        for i, iteration in zip(idx, results[runner.name]):
+            outputs[i] = {k: iteration[k] for k in iteration.keys()}  # noqa: SIM118 - a Polygraphy IterationResult
+    return outputs, [len(groups.get(p, [])) for p in range(len(target.ranges))], failures
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
 def _to_numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -123,8 +196,9 @@ def _is_tie(ref_engine, feed: dict[str, torch.Tensor], dtype: str, trials: int =
 
 
 def compare_graph(name: str, ref_engine, onnx_path: Path, feeds: list[dict], dtype: str,
-                  save: Path | None = None) -> GraphReport:
-    """Polygraphy comparison of one graph: torch runner vs ONNX Runtime over the captured feeds."""
+                  save: Path | None = None, trt: TrtTarget | None = None) -> GraphReport:
+    """Polygraphy comparison of one graph over the captured feeds: torch runner vs ONNX Runtime, and vs
+    TensorRT when `trt` names the graph's engine."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
@@ -139,9 +213,9 @@ def compare_graph(name: str, ref_engine, onnx_path: Path, feeds: list[dict], dty
     results = Comparator.run(runners, data_loader=data, **kwargs)
     if save is not None:
         results.save(str(save / f"{name}.outputs.json"))
-    report = GraphReport(name, len(data), True)
-    ref_name, ort_name = runners[0].name, runners[1].name
-    ref_iters, ort_iters = results[ref_name], results[ort_name]
+    report = GraphReport(name, len(data), True, runners=["onnxruntime"])
+    ref_iters = [_outputs(it) for it in results[runners[0].name]]
+    ort_iters = [_outputs(it) for it in results[runners[1].name]]
     exact = dtype == "float32"
     if exact:
         acc = Comparator.compare_accuracy(results, compare_func=simple_compare_func(atol=FP32_TOL, rtol=FP32_TOL,
@@ -152,30 +226,61 @@ def compare_graph(name: str, ref_engine, onnx_path: Path, feeds: list[dict], dty
             for iteration in iterations:
                 for out, res in iteration.items():
                     ok_outputs[out] = ok_outputs.get(out, True) and bool(res)
-    for i, (a, b) in enumerate(zip(ref_iters, ort_iters)):
-        for out in a.keys():  # noqa: SIM118 - a Polygraphy IterationResult
-            x, y = np.asarray(a[out]), np.asarray(b[out])
-            if out == "keep_indices":
-                if x.shape != y.shape or any(set(r) != set(s) for r, s in zip(x.tolist(), y.tolist())):
-                    if _is_tie(ref_engine, feeds[i], dtype):
-                        report.ties += 1
-                    else:
-                        report.failures.append(f"{out} (feed {i}): kept sets differ")
-                continue
-            if x.dtype.kind in "fc":
-                err = float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()) if x.size else 0.0
-                report.worst[out] = max(report.worst.get(out, 0.0), err)
-                if not exact:
-                    reason = _stat_failure(x, y, dtype)
-                    if reason:
-                        report.failures.append(f"{out} (feed {i}): {reason}")
-            elif not np.array_equal(x, y):
-                report.failures.append(f"{out} (feed {i}): integer outputs differ")
+    _judge(report, "onnxruntime", ref_iters, dict(enumerate(ort_iters)), feeds, ref_engine, dtype,
+           stats=None if exact else dtype)
     if exact:
-        report.failures += [f"{out}: beyond atol/rtol {FP32_TOL} (max abs error {report.worst.get(out, 0):.2e})"
+        report.failures += [f"onnxruntime: {out}: beyond atol/rtol {FP32_TOL} (max abs error "
+                            f"{report.errors['onnxruntime'].get(out, 0):.2e})"
                             for out, ok in ok_outputs.items() if not ok and out != "keep_indices"]
+    if trt is not None:
+        report.runners.append("tensorrt")
+        trt_iters, report.profile_feeds, failures = _run_tensorrt(name, trt, feeds)
+        report.failures += failures
+        _judge(report, "tensorrt", ref_iters, trt_iters, feeds, ref_engine, dtype,
+               stats="float16" if exact else dtype)  # fp32 engines compute in TF32
     report.passed = not report.failures
     return report
+
+
+def _outputs(iteration) -> dict[str, np.ndarray]:
+    return {k: _np(iteration[k]) for k in iteration.keys()}  # noqa: SIM118 - a Polygraphy IterationResult
+
+
+def _np(v) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu()
+        return (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+    return np.asarray(v)
+
+
+def _judge(report: GraphReport, runner: str, ref_iters: list[dict], iters: dict[int, dict], feeds: list[dict],
+           ref_engine, dtype: str, stats: str | None) -> None:
+    """Compare `runner`'s outputs (feed index -> outputs) with the reference's into `report`: max abs
+    errors, kept sets, integer outputs, and, with `stats`, the error statistics of that dtype (whose
+    resolution then also decides what counts as a tie)."""
+    errors = report.errors.setdefault(runner, {})
+    for i, b in sorted(iters.items()):
+        a = ref_iters[i]
+        for out in a:
+            x, y = a[out], _np(b[out])
+            if out == "keep_indices":
+                if x.shape != y.shape or any(set(r) != set(s) for r, s in zip(x.tolist(), y.tolist())):
+                    if _is_tie(ref_engine, feeds[i], stats or dtype):
+                        report.ties += 1
+                    else:
+                        report.failures.append(f"{runner}: {out} (feed {i}): kept sets differ")
+                continue
+            if x.shape != y.shape:
+                report.failures.append(f"{runner}: {out} (feed {i}): shape {y.shape}, the reference's {x.shape}")
+            elif x.dtype.kind in "fc":
+                err = float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()) if x.size else 0.0
+                errors[out] = max(errors.get(out, 0.0), err)
+                report.worst[out] = max(report.worst.get(out, 0.0), err)
+                reason = _stat_failure(x, y, stats) if stats else None
+                if reason:
+                    report.failures.append(f"{runner}: {out} (feed {i}): {reason}")
+            elif not np.array_equal(x, y):
+                report.failures.append(f"{runner}: {out} (feed {i}): integer outputs differ")
 
 
 def _stat_failure(x: np.ndarray, y: np.ndarray, dtype: str) -> str | None:
@@ -205,8 +310,15 @@ def check_artifact(out: str | Path, images, prompts, steps: int = 8, save: Path 
     feeds = capture_feeds(ref, [([i], [p]) for i, p in zip(images, prompts)], steps)
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
-    graphs = [compare_graph(name, ref.engines[name], root / info.file, feeds.get(name, []), dtype, save)
-              for name, info in manifest.graphs.items()]
+    trt_skipped = tensorrt_skip_reason(manifest)
+    targets = {}
+    if trt_skipped is None:
+        from btp.compiler.trt_profiles import manifest_profiles
+
+        targets = {name: TrtTarget(root / manifest.engines[name], manifest_profiles(manifest, name))
+                   for name in manifest.graphs}
+    graphs = [compare_graph(name, ref.engines[name], root / info.file, feeds.get(name, []), dtype, save,
+                            targets.get(name)) for name, info in manifest.graphs.items()]
     agree = []
     for image, prompt in zip(images, prompts):
         a = pipe.generate([image], [prompt], max_new_tokens=steps).token_ids[0]
@@ -216,10 +328,20 @@ def check_artifact(out: str | Path, images, prompts, steps: int = 8, save: Path 
     tokens_ok = all(a == 1.0 for a in agree)
     return {
         "artifact": str(root), "dtype": dtype, "samples": len(images), "steps": steps,
+        "runners": ["torch", "onnxruntime"] + (["tensorrt"] if targets else []),
+        "tensorrt_skipped": trt_skipped,
+        "pipeline_backend": _backend(pipe),
         "graphs": [asdict(g) for g in graphs],
         "tokens": {"agreement": agree, "mean": float(np.mean(agree)) if agree else 1.0, "passed": tokens_ok},
         "passed": all(g.passed for g in graphs) and tokens_ok,
     }
+
+
+def _backend(pipe) -> str:
+    """The backend `Pipeline.load` picked for the end-to-end comparison."""
+    from btp.runtime.tensorrt_backend import TrtEngine
+
+    return "tensorrt" if any(isinstance(e, TrtEngine) for e in pipe.engines.values()) else "onnxruntime"
 
 
 def _samples(args):
@@ -275,14 +397,21 @@ def _print(report: dict, args) -> None:
     from rich.table import Table
 
     console = Console(highlight=False)
+    short = {"onnxruntime": "ort", "tensorrt": "trt"}
     table = Table("graph", "feeds", "max abs error", "ties", "result", title=f"btp-check {report['artifact']}")
     for g in report["graphs"]:
-        worst = max(g["worst"].values(), default=0.0)
+        errors = [(r, max(g["errors"].get(r, {}).values(), default=0.0)) for r in g["runners"]]
+        worst = " / ".join(f"{short.get(r, r)} {e:.2e}" for r, e in errors) if len(errors) > 1 else \
+            f"{max(g['worst'].values(), default=0.0):.2e}"
+        feeds = str(g["feeds"]) + (f" (trt {'+'.join(map(str, g['profile_feeds']))})" if g["profile_feeds"] else "")
         result = "[green]pass[/green]" if g["passed"] else f"[red]FAIL[/red] {g['failures'][0]}"
-        table.add_row(g["graph"], str(g["feeds"]), f"{worst:.2e}", str(g["ties"]), result)
+        table.add_row(g["graph"], feeds, worst, str(g["ties"]), result)
     console.print(table)
+    skipped = f"; tensorrt skipped: {report['tensorrt_skipped']}" if report["tensorrt_skipped"] else ""
+    console.print(f"runners: {', '.join(report['runners'])}{skipped}")
     t = report["tokens"]
-    console.print(f"greedy tokens vs reference: {100 * t['mean']:.1f}% agreement over {report['samples']} samples")
+    console.print(f"greedy tokens vs reference: {100 * t['mean']:.1f}% agreement over {report['samples']} samples "
+                  f"({report['pipeline_backend']} pipeline)")
     if args.save:
         for g in report["graphs"]:
             console.print(f"polygraphy run {report['artifact']}/onnx/{g['graph']}.onnx --onnxrt "
