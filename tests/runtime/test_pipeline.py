@@ -94,6 +94,27 @@ def test_rows_stop_at_eos_independently(pipe, images):
     assert len(out.token_ids[1]) == 6
 
 
+def test_min_new_tokens_holds_eos_back(pipe, images):
+    head = pipe.engines["head"]
+    run = head.run
+    eos = pipe.spec.eos_token_ids[0]
+
+    def always_eos(feeds):
+        out = run(feeds)
+        out["logits"] = out["logits"].clone()
+        out["logits"][:, eos] = 1e4
+        return out
+
+    head.run = always_eos
+    try:
+        free = pipe.generate(images[:1], ["Hi"], max_new_tokens=6)
+        held = pipe.generate(images[:1], ["Hi"], max_new_tokens=6, min_new_tokens=4)
+    finally:
+        head.run = run
+    assert free.token_ids[0] == [eos]
+    assert len(held.token_ids[0]) == 5 and held.token_ids[0][-1] == eos and eos not in held.token_ids[0][:4]
+
+
 def test_stream_yields_the_generated_text(pipe, images):
     pieces = list(pipe.stream(images[0], "What is shown?", max_new_tokens=8))
     out = pipe.generate(images[:1], ["What is shown?"], max_new_tokens=8)
