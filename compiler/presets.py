@@ -78,20 +78,53 @@ def btp(info: ModelInfo, scale: float = 1.0) -> Plan:
     return _plan(info, stages, "preset:btp")
 
 
+def _scale_for(info: ModelInfo, layers: list[int], fractions: tuple[float, ...], share: float, name: str) -> float:
+    """The factor on `fractions` (keep shares of N0 per stage at `layers`) that makes the layer-averaged image
+    tokens `share * N0`; `PlanError` when the first keep would reach N0 or vanish."""
+    n0, depth = info.image_tokens, info.num_layers
+    ends = [*layers[1:], depth]
+    unit = sum((end - layer) * k * n0 for layer, end, k in zip(layers, ends, fractions))  # tokens at scale 1
+    scale = (share * n0 * depth - layers[0] * n0) / unit
+    if not 0 < scale < 1 / fractions[0]:
+        lo, hi = layers[0] / depth, (layers[0] * n0 + unit / fractions[0]) / (n0 * depth)
+        raise PlanError(f"{name} at a layer-averaged share of {share:g} is out of reach on a model with {depth} "
+                        f"layers (its first cut is layer {layers[0]}); expected a share in ({lo:.3f}, {hi:.3f})")
+    return scale
+
+
 def btp_budget(info: ModelInfo, share: float) -> Plan:
     """`btp`'s schedule with its keeps scaled so that the layer-averaged image tokens are `share * N0`
     (0.22 is the published 78% compression). Raises `PlanError` for a share the schedule cannot reach."""
     layers = _layers([x / 32 for x in _BTP_LAYERS], info.num_layers)
-    n0, depth = info.image_tokens, info.num_layers
-    ends = [*layers[1:], depth]
-    unit = sum((end - layer) * k * n0 for layer, end, k in zip(layers, ends, _BTP_KEEP))  # tokens at scale 1
-    scale = (share * n0 * depth - layers[0] * n0) / unit
-    if not 0 < scale < 1 / _BTP_KEEP[0]:
-        lo, hi = layers[0] / depth, (layers[0] * n0 + unit / _BTP_KEEP[0]) / (n0 * depth)
-        raise PlanError(f"btp budget: a layer-averaged share of {share:g} is out of reach on a model with "
-                        f"{depth} layers; expected a share in ({lo:.3f}, {hi:.3f})")
-    plan = btp(info, scale)
+    plan = btp(info, _scale_for(info, layers, _BTP_KEEP, share, "btp"))
     return plan.model_copy(update={"calibration": {"method": f"preset:btp@{share:g}"}})
+
+
+def at_budget(name: str, info: ModelInfo, share: float) -> Plan:
+    """Preset `name` (not `none`) at a layer-averaged image-token share `share` of N0: `btp` and `pdrop` scale
+    their keeps, `fastv` and `divprune` solve their single keep. `PlanError` when the share is out of reach."""
+    n0 = info.image_tokens
+    target = share * n0
+    if name == "btp":
+        return btp_budget(info, share)
+    if name == "pdrop":
+        layers = _layers([1 / 4, 1 / 2, 3 / 4], info.num_layers)
+        fractions = (1 / 2, 1 / 4, 1 / 8)
+        scale = _scale_for(info, layers, fractions, share, "pdrop")
+        keeps = [min(n0 - 1, _round(f * n0 * scale)) for f in fractions]
+        stages = [{"layer": layer, "keep": k, "attention": k} for layer, k in zip(layers, keeps)]
+    elif name in ("fastv", "divprune"):
+        layer = 0 if name == "divprune" else _layers([2 / 32], info.num_layers)[0]
+        keep = _round((target * info.num_layers - layer * n0) / (info.num_layers - layer))
+        if not 0 < keep < n0:
+            lo = layer / info.num_layers
+            raise PlanError(f"{name} at a layer-averaged share of {share:g} is out of reach on a model with "
+                            f"{info.num_layers} layers; expected a share in ({lo:.3f}, 1)")
+        stages = [{"layer": layer, "keep": keep, **({"attention": keep} if name == "fastv" else {})}]
+    else:
+        raise PlanError(f"no budget form for plan {name!r}; expected one of btp, pdrop, fastv, divprune")
+    plan = _plan(info, stages, f"preset:{name}")
+    return plan.model_copy(update={"calibration": {"method": f"preset:{name}@{share:g}"}})
 
 
 def _average_keep(info: ModelInfo, layer: int, target: float) -> int:

@@ -298,3 +298,28 @@ def test_single_stage_presets_work_on_shallow_models():
         PRESETS["btp"](info)
     assert PRESETS["divprune"](info).stages[0].keep == round(64 * 129 / 576)
     assert PRESETS["fastv"](info).stages[0].layer == 1
+
+
+@pytest.mark.parametrize("name", ["btp", "pdrop", "fastv", "divprune"])
+@pytest.mark.parametrize("share", [0.22, 0.3])
+def test_presets_at_a_budget_hit_the_layer_averaged_share(name, share):
+    from btp.compiler.presets import at_budget
+
+    info = ModelInfo(family="llava", num_layers=32, image_tokens=576, grid=(24, 24), fingerprint="f" * 64)
+    if name == "pdrop" and share < 0.25:  # its first cut is at a quarter of the depth
+        with pytest.raises(PlanError, match="out of reach.*first cut is layer 8"):
+            at_budget(name, info, share)
+        return
+    plan = at_budget(name, info, share)
+    assert abs(plan.average_image_tokens() / 576 - share) < 0.005
+    assert plan.calibration["method"] == f"preset:{name}@{share:g}"
+
+
+def test_btp_at_the_published_budget_keeps_its_shape():
+    from btp.compiler.presets import at_budget, btp
+
+    info = ModelInfo(family="llava", num_layers=32, image_tokens=576, grid=(24, 24), fingerprint="f" * 64)
+    scaled, published = at_budget("btp", info, 0.22), btp(info)
+    assert [s.layer for s in scaled.stages] == [s.layer for s in published.stages]
+    assert all(a.keep < b.keep for a, b in zip(scaled.stages[1:], scaled.stages))
+    assert scaled.stages[0].spatial == round(scaled.stages[0].keep / 2)
