@@ -1,8 +1,9 @@
-"""Builtin LLaVA models that build locally: seeded random weights with a real processor.
+"""Builtin LLaVA models: seeded random weights with a real processor, or trained weights shipped here.
 
 A builtin is an ordinary `LlavaForConditionalGeneration` and `LlavaProcessor` (a byte-level BPE tokenizer
 trained here with `tokenizers`, with the image token and a chat template, and a CLIP image processor), so
-nothing downstream can tell it from a downloaded checkpoint.
+nothing downstream can tell it from a downloaded checkpoint. A builtin with `weights` set (`toy-vlm`) loads
+a `save_pretrained` directory of model and processor from the package data instead of building one.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -21,6 +24,8 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
+
+from btp.runtime.errors import ModelError
 
 try:  # transformers >= 5 names the PIL image processor explicitly; the plain name wants torchvision there
     from transformers import CLIPImageProcessorPil as _CLIPImageProcessor
@@ -70,8 +75,8 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the builtin corpus; BOS prepended, left padding, `<image>` special."""
+def build_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `corpus` (default: the builtin one); BOS prepended, left padding, `<image>`."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -81,7 +86,7 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(_corpus() if corpus is None else corpus, trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
@@ -118,6 +123,7 @@ class BuiltinSpec:
     max_positions: int
     init_range: float = 0.02
     seed: int = 0
+    weights: str | None = None  # package-data directory of trained weights and processor; None: random weights
 
 
 BUILTINS: dict[str, BuiltinSpec] = {
@@ -132,11 +138,18 @@ BUILTINS: dict[str, BuiltinSpec] = {
         image_size=336, patch_size=14, vision_hidden=384, vision_layers=7, vision_heads=6,
         hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=16, vocab=1024, max_positions=4096,
     ),
+    "toy-vlm": BuiltinSpec(
+        "trained on the toy shapes task (btp.tools.toy_task): 12x12 = 144 image tokens at 96 px, 6 text layers",
+        image_size=96, patch_size=8, vision_hidden=96, vision_layers=3, vision_heads=4,
+        hidden=128, intermediate=384, layers=6, heads=4, kv_heads=2, vocab=512, max_positions=512,
+        init_range=0.1, weights="data/toy-vlm",
+    ),
 }
 
 
-def build_processor(spec: BuiltinSpec) -> LlavaProcessor:
-    tokenizer = build_tokenizer(spec.vocab)
+def build_processor(spec: BuiltinSpec, tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
+    """The `LlavaProcessor` of `spec`: `tokenizer` (default: BPE on the builtin corpus) and a CLIP processor."""
+    tokenizer = build_tokenizer(spec.vocab) if tokenizer is None else tokenizer
     image_processor = _CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
@@ -188,17 +201,42 @@ def build_config(spec: BuiltinSpec, tokenizer: PreTrainedTokenizerFast) -> Llava
     )
 
 
-def build_builtin(name: str) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Build builtin `name` (a key of `BUILTINS`) -> (fp32 model in eval mode, processor). Deterministic."""
-    spec = BUILTINS[name]
-    processor = build_processor(spec)
-    config = build_config(spec, processor.tokenizer)
+def random_model(spec: BuiltinSpec, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
+    """Seeded random fp32 weights for `spec` around `processor`'s tokenizer (eval mode). Deterministic."""
+    tokenizer = processor.tokenizer
+    config = build_config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-    model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval()
+
+
+def weights_dir(name: str):
+    """The package-data directory (a `Traversable`) holding builtin `name`'s trained weights and processor."""
+    spec = BUILTINS[name]
+    if spec.weights is None:
+        raise ValueError(f"builtin {name!r} has random weights, not trained ones")
+    return resources.files("btp.compiler").joinpath(spec.weights)
+
+
+def build_builtin(name: str) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Build builtin `name` (a key of `BUILTINS`) -> (fp32 model in eval mode, processor). Deterministic.
+
+    A builtin with trained `weights` loads them offline from the package data with `from_pretrained`.
+    """
+    spec = BUILTINS[name]
+    if spec.weights is None:
+        processor = build_processor(spec)
+        return random_model(spec, processor), processor
+    with resources.as_file(weights_dir(name)) as path:
+        if not (path / "config.json").is_file():
+            raise ModelError(f"builtin:{name} has no trained weights in the package ({spec.weights}); "
+                             f"train them with btp-train-toy --out <package>/{spec.weights}")
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model.eval(), processor
 
 

@@ -49,8 +49,8 @@ def test_unknown_builtin_is_one_clear_line():
     with pytest.raises(ModelError) as err:
         load_model("builtin:nope")
     msg = str(err.value)
-    assert "unknown builtin" in msg and "builtin:tiny-llava" in msg and "\n" not in msg
-    assert set(BUILTINS) == {"tiny-llava", "llava-bench"}
+    assert "unknown builtin" in msg and "builtin:tiny-llava" in msg and "builtin:toy-vlm" in msg and "\n" not in msg
+    assert set(BUILTINS) == {"tiny-llava", "llava-bench", "toy-vlm"}
 
 
 def test_missing_path_is_one_clear_line(tmp_path):

@@ -1,0 +1,65 @@
+"""btp-bench-quality on a small subset of the toy task's test split (accuracy asserted only for the unpruned model)."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from btp.tools import bench_quality
+
+
+def test_answers_compare_without_case_or_final_stop():
+    assert bench_quality.normalise(" Bottom Right.") == "bottom right"
+    assert bench_quality.normalise("two") != bench_quality.normalise("three")
+
+
+@pytest.fixture(scope="module")
+def briefly_trained(tmp_path_factory):
+    """A toy-task model after a few training steps: the benchmark's mechanics, not its accuracy."""
+    from btp.tools import train_toy
+
+    out = tmp_path_factory.mktemp("toy") / "model"
+    args = ["--out", str(out), "--steps", "3", "--batch", "4", "--turns", "2", "--test-samples", "4", "--quiet"]
+    assert train_toy.main(args) == 0
+    return out
+
+
+def test_quality_table_on_a_subset(briefly_trained, tmp_path, capsys):
+    png = tmp_path / "quality.png"
+    code = bench_quality.main([str(briefly_trained), "--plans", "none,btp,pdrop", "--budgets", "0.3", "--samples",
+                               "12", "--batch", "6", "--cache", str(tmp_path / "cache"), "--json", "--plot", str(png)])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["plan"]: r for r in report["rows"]}
+    assert set(rows) == {"none", "btp@0.3", "pdrop@0.3"}
+    assert report["samples"] == 12 and report["image_tokens"] == 144
+    none, btp = rows["none"], rows["btp@0.3"]
+    assert 0 <= none["accuracy"] <= 1 and none["layer_averaged_image_tokens"] == 144 and none["flops_ratio"] == 1
+    assert abs(btp["image_token_share"] - 0.3) < 0.01 and btp["flops_ratio"] < 1
+    assert set(btp["per_kind"]) <= {"colour", "shape", "size", "where", "count", "left_of", "locate"}
+    if none["accuracy"] > 0:
+        assert btp["retained"] == btp["accuracy"] / none["accuracy"]
+    assert "out of reach" in rows["pdrop@0.3"]["skipped"]  # pdrop's first cut is a quarter of the way down
+    with Image.open(png) as im:
+        assert im.width > 400
+
+
+def test_calibration_set_is_readable_by_btp_calibrate(tmp_path):
+    from btp.compiler.calibration_data import load_samples
+
+    root = bench_quality.write_calibration_set(tmp_path / "cal", 5)
+    samples = load_samples(str(root), n=10)
+    assert len(samples) == 5 and samples[0].image.size == (96, 96) and samples[0].prompt.endswith("?")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budgets", "1.5"], "every share must lie strictly between 0 and 1"),
+    (["--budgets", "half"], "--budgets takes comma-separated shares"),
+    (["--calibrate", "search"], "--calibrate needs --budgets"),
+    (["--calibrate", "magic", "--budgets", "0.2"], "--calibrate takes drift and/or search"),
+    (["--plans", "nowhere.json"], "--plans nowhere.json"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, message, capsys, tmp_path, briefly_trained):
+    assert bench_quality.main([str(briefly_trained), "--cache", str(tmp_path), *args]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading progress, one line
+    assert last.startswith("btp-bench-quality: error:") and message in last

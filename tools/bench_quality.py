@@ -1,0 +1,282 @@
+"""`btp-bench-quality MODEL`: how much of a model's answers each plan keeps, on the toy task's test split.
+
+Every plan is compiled (ONNX Runtime, cached beside the report) and answers the held-out test split of
+`btp.tools.toy_task` with greedy decoding; the table gives exact-match accuracy, retained performance
+(pruned / unpruned accuracy), layer-averaged image tokens and the decoder FLOPs ratio per plan, the way
+the paper reports retained benchmark performance against its budget sweep. Presets run at their own
+budget or, with `--budgets`, scaled to each layer-averaged share; `--calibrate` adds `btp-calibrate` plans
+made from the task's train split at the same shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from btp.runtime.cli import run_main
+from btp.runtime.errors import InputError, PlanError
+
+from . import toy_task
+
+PRESET_NAMES = ("none", "btp", "fastv", "pdrop", "divprune")
+ANSWER_TOKENS = 6  # the longest answer ("bottom right") is three tokens; EOS ends the others early
+
+
+def normalise(text: str) -> str:
+    """The comparable form of an answer: lower case, outer blanks and a final full stop removed."""
+    return text.strip().lower().rstrip(".").strip()
+
+
+def write_calibration_set(out: Path, n: int) -> Path:
+    """The first `n` train-split samples as a `btp-calibrate --data` directory (images + prompts.jsonl)."""
+    out.mkdir(parents=True, exist_ok=True)
+    index = out / "prompts.jsonl"
+    if index.is_file() and sum(1 for _ in index.open()) == n:
+        return out
+    lines = []
+    for i, s in enumerate(toy_task.make_split("train", n)):
+        name = f"train-{i:05d}.png"
+        s.image.save(out / name)
+        lines.append(json.dumps({"image": name, "prompt": s.question}))
+    index.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _plan_jobs(model, plans: list[str], budgets: list[float] | None, calibrate: list[str], cache: Path,
+               calibration_samples: int, log) -> list[dict]:
+    """(label, method, budget, Plan or the reason it has none) for every row of the table."""
+    from btp.compiler import model_info, resolve_plan
+    from btp.compiler.presets import at_budget
+
+    info = model_info(model)
+    jobs = []
+    for name in plans:
+        if name == "none":
+            jobs.append({"plan": "none", "method": "none", "budget": None, "spec": resolve_plan("none", model)})
+        elif name in PRESET_NAMES:
+            for share in budgets or [None]:
+                label = name if share is None else f"{name}@{share:g}"
+                try:
+                    plan = resolve_plan(name, model) if share is None else at_budget(name, info, share)
+                except PlanError as err:
+                    jobs.append({"plan": label, "method": name, "budget": share, "skipped": str(err)})
+                    continue
+                jobs.append({"plan": label, "method": name, "budget": share, "spec": plan})
+        else:
+            try:
+                plan = resolve_plan(name, model)
+            except PlanError as err:
+                raise InputError(f"--plans {name}: {err}") from None
+            jobs.append({"plan": Path(name).stem, "method": "file", "budget": None, "spec": plan})
+    for method in calibrate:
+        for share in budgets or []:
+            jobs.append(_calibrated(model, method, share, cache, calibration_samples, log))
+    return jobs
+
+
+def _calibrated(model, method: str, share: float, cache: Path, samples: int, log) -> dict:
+    """A `btp-calibrate --method METHOD --retention SHARE` plan from the train split, cached."""
+    from btp.compiler.calibrate_cli import main as calibrate
+    from btp.compiler.plan import Plan
+
+    label = f"calibrated-{method}@{share:g}"
+    out = cache / f"{model.fingerprint[:16]}-{label}-n{samples}.plan.json"
+    if not out.is_file():
+        data = write_calibration_set(cache / f"calibration-n{samples}", samples)
+        log(f"calibrating {label} on {samples} train samples")
+        code = calibrate([model.name, "--data", str(data), "--samples", str(samples), "--retention", str(share),
+                          "--method", method, "-o", str(out)])
+        if code != 0:
+            return {"plan": label, "method": f"calibrated-{method}", "budget": share,
+                    "skipped": f"btp-calibrate exited {code}"}
+    return {"plan": label, "method": f"calibrated-{method}", "budget": share, "spec": Plan.load(out)}
+
+
+def _artifact(model, plan, cache: Path, batch: int, log) -> Path:
+    from btp.compiler.build import BuildConfig, compile_artifact
+    from btp.compiler.export import Limits
+
+    digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:10]
+    out = cache / f"{model.fingerprint[:16]}-b{batch}-{digest}"
+    if (out / "manifest.json").is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{out.name}.plan.json"
+    plan.save(path)
+    log(f"compiling {plan.calibration.get('method', 'plan')} -> {out.name}")
+    limits = Limits(max_batch=batch, max_prompt=model.image_tokens + 64, max_new_tokens=ANSWER_TOKENS)
+    compile_artifact(BuildConfig(model=model.name, plan=str(path), out=out, backend="onnxruntime", force=True,
+                                 limits=limits))
+    return out
+
+
+def evaluate(pipe, samples, batch: int) -> dict:
+    """Greedy answers of `pipe` over `samples` -> accuracy overall and per question kind, and the answers."""
+    right, total, answers = Counter(), Counter(), []
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        out = pipe.generate([s.image for s in chunk], [s.question for s in chunk], max_new_tokens=ANSWER_TOKENS)
+        for s, text in zip(chunk, out.texts):
+            ok = normalise(text) == normalise(s.answer)
+            right[s.kind] += ok
+            total[s.kind] += 1
+            answers.append(text)
+    accuracy = sum(right.values()) / max(1, len(samples))
+    return {"accuracy": accuracy, "per_kind": {k: right[k] / total[k] for k in sorted(total)}, "answers": answers}
+
+
+def quality(model_name: str, plans: list[str], budgets: list[float] | None = None, calibrate: list[str] = (),
+            samples: int | None = None, batch: int = 16, cache: str | Path = "build/quality",
+            calibration_samples: int = 64, log=print) -> dict:
+    """Run the quality benchmark; returns the report (`btp-bench-quality --json`)."""
+    from btp.compiler import load_model, resolve_plan
+    from btp.runtime import Pipeline
+
+    model = load_model(model_name)
+    cache = Path(cache)
+    test = toy_task.make_split("test", samples)
+    jobs = _plan_jobs(model, plans, budgets, list(calibrate), cache, calibration_samples, log)
+    none = resolve_plan("none", model)
+    d, m = model.hidden_size, model.intermediate_size
+    rows = []
+    for job in jobs:
+        row = {k: v for k, v in job.items() if k != "spec"}
+        if "skipped" in job:
+            log(f"{job['plan']}: skipped ({job['skipped']})")
+            rows.append(row)
+            continue
+        plan = job["spec"]
+        pipe = Pipeline.load(_artifact(model, plan, cache, batch, log))
+        text = statistics.mean(len(pipe.prepare([s.image], [s.question]).input_ids[0]) for s in test[:8])
+        text -= model.image_tokens
+        t0 = time.perf_counter()
+        result = evaluate(pipe, test, batch)
+        row.update({
+            "layer_averaged_image_tokens": plan.average_image_tokens(),
+            "image_token_share": plan.average_image_tokens() / model.image_tokens,
+            "flops_ratio": plan.flops(d, m, text) / none.flops(d, m, text),
+            "accuracy": result["accuracy"], "per_kind": result["per_kind"],
+            "seconds": time.perf_counter() - t0,
+            "stages": [{"layer": s.layer, "keep": s.keep, "spatial": s.spatial, "attention": s.attention}
+                       for s in plan.stages],
+        })
+        log(f"{job['plan']}: accuracy {result['accuracy']:.3f} at {row['layer_averaged_image_tokens']:.1f} "
+            "layer-averaged image tokens")
+        rows.append(row)
+    base = next((r["accuracy"] for r in rows if r["plan"] == "none" and "accuracy" in r), None)
+    for r in rows:
+        if base and "accuracy" in r:
+            r["retained"] = r["accuracy"] / base
+    return {"model": model_name, "samples": len(test), "image_tokens": model.image_tokens,
+            "num_layers": model.num_layers, "budgets": budgets, "rows": rows}
+
+
+def plot(report: dict, path: str | Path) -> Path:
+    """Retained performance against layer-averaged image tokens, one series per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods: dict[str, list[dict]] = {}
+    for r in report["rows"]:
+        if "retained" in r:
+            methods.setdefault(r["method"], []).append(r)
+    markers = iter("osD^v<>pP*X")
+    for method, rows in methods.items():
+        rows.sort(key=lambda r: r["layer_averaged_image_tokens"])
+        ax.plot([r["layer_averaged_image_tokens"] for r in rows], [100 * r["retained"] for r in rows],
+                marker=next(markers, "o"), label=method, lw=1)
+    ax.axhline(100, color="black", lw=0.6)
+    ax.set_xlabel(f"layer-averaged image tokens (of {report['image_tokens']})")
+    ax.set_ylabel("retained accuracy (% of unpruned)")
+    ax.set_title(f"{report['model']}: {report['samples']} test questions")
+    ax.grid(alpha=0.3)
+    if methods:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{option} takes comma-separated shares such as 0.22,0.11, got {text!r}") from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise InputError(f"{option}: every share must lie strictly between 0 and 1, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="btp-bench-quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default="builtin:toy-vlm", help="a model trained on the toy task")
+    p.add_argument("--plans", default="none,btp,fastv,pdrop,divprune",
+                   help="comma list of presets and plan files (default: every preset)")
+    p.add_argument("--budgets", help="layer-averaged image-token shares the presets are scaled to, e.g. 0.22,0.11")
+    p.add_argument("--calibrate", default="", help="comma list of btp-calibrate methods (drift, search) to add "
+                                                   "at each budget, calibrated on the task's train split")
+    p.add_argument("--calibration-samples", type=int, default=64)
+    p.add_argument("--samples", type=int, help=f"test questions (default: the whole split, {toy_task.TEST_SIZE})")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--cache", default="build/quality", help="where compiled plans are kept")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", help="PNG of retained accuracy against layer-averaged image tokens")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        plans = [x.strip() for x in args.plans.split(",") if x.strip()]
+        if not plans:
+            raise InputError("--plans is empty")
+        budgets = _floats(args.budgets, "--budgets") if args.budgets else None
+        calibrate = [x.strip() for x in args.calibrate.split(",") if x.strip()]
+        bad = [c for c in calibrate if c not in ("drift", "search")]
+        if bad:
+            raise InputError(f"--calibrate takes drift and/or search, got {bad}")
+        if calibrate and not budgets:
+            raise InputError("--calibrate needs --budgets (the shares the plans are calibrated for)")
+        if args.batch < 1 or (args.samples is not None and args.samples < 1) or args.calibration_samples < 2:
+            raise InputError("--batch and --samples must be >= 1, --calibration-samples >= 2")
+        report = quality(args.model, plans, budgets, calibrate, args.samples, args.batch, args.cache,
+                         args.calibration_samples, log=lambda m: print(m, file=sys.stderr))
+        if args.plot:
+            plot(report, args.plot)
+        if args.json:
+            print(json.dumps(report))
+        else:
+            _print(report)
+        return 0
+
+    return run_main(body, args.debug, "btp-bench-quality")
+
+
+def _print(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("plan", "layer-averaged image tokens", "share", "decoder FLOPs", "accuracy", "retained",
+                  title=f"btp-bench-quality {report['model']} ({report['samples']} test questions)")
+    for r in report["rows"]:
+        if "skipped" in r:
+            table.add_row(r["plan"], "-", "-", "-", "-", "skipped: out of reach" if "reach" in r["skipped"]
+                          else "skipped")
+            continue
+        retained = f"{100 * r['retained']:.1f}%" if "retained" in r else "-"
+        table.add_row(r["plan"], f"{r['layer_averaged_image_tokens']:.1f}", f"{100 * r['image_token_share']:.1f}%",
+                      f"{100 * r['flops_ratio']:.1f}%", f"{100 * r['accuracy']:.1f}%", retained)
+    Console(highlight=False).print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""`btp-train-toy`: train `builtin:toy-vlm` on the toy shapes task and save it with `save_pretrained`.
+
+Next-token loss on the answer only (prompt: the LLaVA-1.5 chat template around the question; target: the
+answer and `</s>`), AdamW with a linear warm-up and a cosine decay, seeded and deterministic for a given
+thread count. At the end: exact-match accuracy of greedy `generate` on the fixed test split, per question
+kind, then model and processor saved (safetensors) with a `training.json` of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import toy_task
+
+BUILTIN = "toy-vlm"
+
+
+def chat_prompt(processor, question: str) -> str:
+    """The chat-template prompt for one image and `question`, ending at 'ASSISTANT:'."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def conversation(processor, turns: list[tuple[str, str]]) -> str:
+    """The chat-template text of a conversation about one image: [(question, answer)] -> 'USER: <image>\\n
+    q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>...'. Its first turn is exactly the one-question prompt."""
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        content = [{"type": "image"}, {"type": "text", "text": question}] if i == 0 else question
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+    return processor.apply_chat_template(messages)
+
+
+def encode_batch(processor, samples: list[toy_task.Sample],
+                 extra: list[list[tuple[str, str]]] | None = None) -> dict[str, torch.Tensor]:
+    """Training inputs for `samples`, each followed by its `extra` (question, answer) turns about the same image:
+    input_ids, attention_mask [B, T] (left-padded), pixel_values [B, 3, H, W], labels [B, T] (-100 except on
+    the tokens after each 'ASSISTANT:' up to and including its `</s>`), weights [B, T] (1 / answer length on
+    those tokens, 0 elsewhere)."""
+    extra = extra or [[] for _ in samples]
+    texts = [conversation(processor, [(s.question, s.answer), *more]) for s, more in zip(samples, extra)]
+    batch = processor(images=[s.image for s in samples], text=texts, padding=True, return_tensors="pt")
+    tok = processor.tokenizer
+    marker = tok(" ASSISTANT:", add_special_tokens=False).input_ids
+    ids = batch["input_ids"]
+    labels = torch.full_like(ids, -100)
+    weights = torch.zeros(ids.shape)
+    for row in range(ids.shape[0]):
+        seq = ids[row].tolist()
+        start = None
+        for t in range(len(seq)):
+            if start is None and seq[max(0, t - len(marker)) : t] == marker:
+                start = t
+            if start is not None and seq[t] == tok.eos_token_id:
+                labels[row, start : t + 1] = ids[row, start : t + 1]
+                weights[row, start : t + 1] = 1.0 / (t + 1 - start)
+                start = None
+    return {**batch, "labels": labels, "weights": weights}
+
+
+def turn_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy on the answer tokens, every answer weighted equally whatever its length (a
+    one-word answer counts as much as a scene description) -> scalar."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "weights")}
+    logits = model(**inputs).logits[:, :-1].float()
+    labels, weights = batch["labels"][:, 1:], batch["weights"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return (ce * weights).sum() / weights.sum()
+
+
+@torch.inference_mode()
+def answer(model, processor, samples: list[toy_task.Sample], batch_size: int = 50,
+           max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers of `model` (Hugging Face `generate`) to `samples`, decoded and stripped."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        inputs = processor(images=[s.image for s in chunk], text=[chat_prompt(processor, s.question) for s in chunk],
+                           padding=True, return_tensors="pt")
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = ids[:, inputs["input_ids"].shape[1]:]
+        out += [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    model.train(was_training)
+    return out
+
+
+def accuracy(model, processor, samples: list[toy_task.Sample], batch_size: int = 50) -> tuple[float, dict]:
+    """Exact-match accuracy of greedy answers over `samples` -> (overall, {kind: accuracy})."""
+    got = answer(model, processor, samples, batch_size)
+    right, total = Counter(), Counter()
+    for s, a in zip(samples, got):
+        total[s.kind] += 1
+        right[s.kind] += a == s.answer
+    return sum(right.values()) / len(samples), {k: right[k] / total[k] for k in toy_task.KINDS if total[k]}
+
+
+def sincos_positions(side: int, dim: int) -> torch.Tensor:
+    """2-D sine-cosine position codes of a `side` x `side` patch grid -> [side * side, dim] (row-major), half of
+    the channels for the row and half for the column, frequencies from 1 to 1/100 cycles per patch."""
+    quarter = dim // 4
+    freq = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter - 1)))
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for coord in (rows.reshape(-1), cols.reshape(-1)):
+        angle = coord[:, None] * freq[None, :]
+        parts += [angle.sin(), angle.cos()]
+    codes = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(codes, (0, dim - codes.shape[1])).float()
+
+
+def initial_positions(side: int, dim: int, image_size: int, cells: int = toy_task.GRID,
+                      cell_scale: float = 3.0) -> torch.Tensor:
+    """Initial position embeddings of a `side` x `side` patch grid -> [side * side, dim] (row-major): the 3x3
+    cell a patch lies in, one-hot for its row in channels 0..cells-1 and its column in cells..2*cells-1 (times
+    `cell_scale`), then 2-D sine-cosine codes of the patch position in the other channels."""
+    codes = torch.zeros(side * side, dim)
+    codes[:, 2 * cells:] = sincos_positions(side, dim - 2 * cells)
+    patch = image_size / side
+    for p in range(side * side):
+        row, col = divmod(p, side)
+        codes[p, int((row + 0.5) * patch * cells // image_size)] = cell_scale
+        codes[p, cells + int((col + 0.5) * patch * cells // image_size)] = cell_scale
+    return codes
+
+
+def build(seed: int):
+    """Untrained toy-vlm and its processor with a tokenizer trained on the task: seeded random weights, except
+    that the vision tower's position embeddings start as codes of each patch's grid cell and position
+    (`initial_positions`; the class position at zero), which shortens the plateau before the model learns to
+    find a named cell."""
+    from btp.compiler.builtins import BUILTINS, build_processor, build_tokenizer, random_model
+
+    spec = dataclasses.replace(BUILTINS[BUILTIN], seed=seed)
+    processor = build_processor(spec, build_tokenizer(spec.vocab, toy_task.corpus()))
+    model = random_model(spec, processor)
+    table = model.model.vision_tower.embeddings.position_embedding.weight
+    with torch.no_grad():
+        table.zero_()
+        table[1:] = initial_positions(spec.image_size // spec.patch_size, table.shape[1], spec.image_size)
+    return spec, model, processor
+
+
+def extra_turns(sample: toy_task.Sample, k: int, rng: random.Random,
+                describe: bool = True) -> list[tuple[str, str]]:
+    """Up to `k` more (question, answer) turns about `sample`'s scene, drawn by `rng`, none repeating its own.
+
+    With `describe`, the first two are the scene descriptions `toy_task.DESCRIBE` and `toy_task.LOCATE` (in
+    random order): dense supervision that ties position words to cells and objects to position words."""
+    pool = [(q, a) for _, q, a in toy_task.scene_questions(sample.objects) if q != sample.question]
+    aux = [(q, toy_task.solve(sample.objects, q)) for q in (toy_task.DESCRIBE, toy_task.LOCATE)] if describe else []
+    rng.shuffle(aux)
+    aux = aux[:k]
+    return aux + rng.sample(pool, min(k - len(aux), len(pool)))
+
+
+def thin(sample: toy_task.Sample, keep: int, rng: random.Random) -> toy_task.Sample:
+    """`sample` with objects removed (in `rng` order) down to `keep`, never one that its answer depends on."""
+    objects = list(sample.objects)
+    order = list(objects)
+    rng.shuffle(order)
+    for o in order:
+        if len(objects) <= keep:
+            break
+        rest = tuple(x for x in objects if x is not o)
+        if toy_task.solve(rest, sample.question) == sample.answer:
+            objects = list(rest)
+    if len(objects) == len(sample.objects):
+        return sample
+    objects = tuple(objects)
+    return dataclasses.replace(sample, image=toy_task.render(objects), objects=objects)
+
+
+def curriculum_objects(step: int, steps: int, fraction: float) -> int:
+    """The most objects per scene at `step`: 1 at the start, up to `MAX_OBJECTS` after `fraction` of the steps."""
+    if fraction <= 0:
+        return toy_task.MAX_OBJECTS
+    return min(toy_task.MAX_OBJECTS, 1 + int(step / (fraction * steps) * toy_task.MAX_OBJECTS))
+
+
+def lr_at(step: int, steps: int, warmup: int, peak: float, floor: float = 0.02) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from `peak` down to `floor * peak` at `steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(args, console: Console):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    spec, model, processor = build(args.seed)
+    params = sum(p.numel() for p in model.parameters())
+    console.print(f"toy-vlm: {params / 1e6:.2f} M parameters, {spec.image_size} px, "
+                  f"{(spec.image_size // spec.patch_size) ** 2} image tokens, {spec.layers} text layers")
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    warmup = max(1, int(args.warmup * args.steps))
+    stream = toy_task.iter_split("train", args.steps * args.batch)
+    rng = random.Random(f"btp-train-toy:{args.seed}")
+    start = time.perf_counter()
+    ema, eval_s = None, 0.0
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}"), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=args.quiet) as progress:
+        task = progress.add_task("train", total=args.steps, loss=float("nan"), lr=0.0)
+        for step in range(args.steps):
+            keep = curriculum_objects(step, args.steps, args.curriculum)
+            samples = [thin(next(stream), keep, rng) for _ in range(args.batch)]
+            turns = [extra_turns(s, args.turns - 1, rng, not args.no_describe) for s in samples]
+            batch = encode_batch(processor, samples, turns)
+            lr = lr_at(step, args.steps, warmup, args.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = turn_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            progress.update(task, advance=1, loss=ema, lr=lr)
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+                tick = time.perf_counter()
+                acc, kinds = accuracy(model, processor, toy_task.make_split("test", args.eval_samples))
+                progress.console.print(f"step {step + 1} ({tick - start - eval_s:.0f} s): loss {ema:.3f}, "
+                                       f"test accuracy ({args.eval_samples}) {acc:.1%}  "
+                                       + "  ".join(f"{k} {v:.0%}" for k, v in kinds.items()))
+                eval_s += time.perf_counter() - tick
+    train_s = time.perf_counter() - start - eval_s  # the optional progress evaluations do not count
+    return spec, model.eval(), processor, params, train_s, ema
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="btp-train-toy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="directory for save_pretrained (model + processor)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="samples per step; each train sample is seen once")
+    p.add_argument("--turns", type=int, default=8,
+                   help="questions per training image: the sample's own, then more about the same scene as "
+                        "further chat turns (default: %(default)s)")
+    p.add_argument("--no-describe", action="store_true",
+                   help="no scene-description turns among the extra turns")
+    p.add_argument("--curriculum", type=float, default=0.3,
+                   help="fraction of the steps over which scenes grow from 1 object to all of theirs, objects "
+                        "that the answer needs always kept (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--test-samples", type=int, default=toy_task.TEST_SIZE,
+                   help="test-split samples for the final accuracy (default: all %(default)s)")
+    p.add_argument("--eval-every", type=int, default=0, help="report accuracy on a test subset every N steps")
+    p.add_argument("--eval-samples", type=int, default=120, help="test subset size for --eval-every")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    console = Console()
+    if min(args.steps, args.batch, args.turns, args.threads, args.test_samples) < 1:
+        Console(stderr=True).print("error: --steps, --batch, --turns, --threads and --test-samples must be >= 1")
+        return 2
+    if args.test_samples > toy_task.TEST_SIZE or args.eval_samples > toy_task.TEST_SIZE:
+        Console(stderr=True).print(f"error: the test split has {toy_task.TEST_SIZE} samples")
+        return 2
+    spec, model, processor, params, train_s, loss = train(args, console)
+    start = time.perf_counter()
+    test = toy_task.make_split("test", args.test_samples)
+    acc, kinds = accuracy(model, processor, test)
+    eval_s = time.perf_counter() - start
+    table = Table(title=f"test split: {len(test)} samples, exact match")
+    table.add_column("kind")
+    table.add_column("accuracy", justify="right")
+    for k, v in kinds.items():
+        table.add_row(k, f"{v:.1%}")
+    table.add_row("all", f"{acc:.1%}", style="bold")
+    console.print(table)
+    console.print(f"training {train_s:.0f} s ({args.steps} steps x {args.batch}), test {eval_s:.0f} s, "
+                  f"{args.threads} threads")
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    record = {
+        "command": "btp-train-toy " + " ".join(sys.argv[1:] if argv is None else argv),
+        "steps": args.steps, "batch": args.batch, "turns": args.turns, "curriculum": args.curriculum,
+        "describe": not args.no_describe, "lr": args.lr, "warmup": args.warmup,
+        "weight_decay": args.weight_decay, "seed": args.seed, "threads": args.threads,
+        "parameters": params, "image_tokens": (spec.image_size // spec.patch_size) ** 2,
+        "final_loss": round(loss, 4), "train_seconds": round(train_s, 1), "test_seconds": round(eval_s, 1),
+        "test_samples": len(test), "test_accuracy": round(acc, 4),
+        "test_accuracy_by_kind": {k: round(v, 4) for k, v in kinds.items()},
+        "torch": torch.__version__, "machine": platform.machine(),
+    }
+    (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    console.print(f"saved to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
