@@ -354,6 +354,8 @@ def plot(report: dict, path: str | Path) -> Path:
     left.set_title("prefill by graph (median)")
     ratios = report["ratios"]
     right.barh(list(ratios), list(ratios.values()), color="#7aa6d8")
+    for y, v in enumerate(ratios.values()):
+        right.text(v, y, f" {v:.3g}", va="center", fontsize=7)
     right.axvline(1.0, color="black", lw=0.8)
     right.set_title("ratios")
     fig.tight_layout()
