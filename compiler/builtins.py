@@ -139,8 +139,8 @@ BUILTINS: dict[str, BuiltinSpec] = {
         hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=16, vocab=1024, max_positions=4096,
     ),
     "toy-vlm": BuiltinSpec(
-        "trained on the toy shapes task (btp.tools.toy_task): 12x12 = 144 image tokens at 96 px, 6 text layers",
-        image_size=96, patch_size=8, vision_hidden=96, vision_layers=3, vision_heads=4,
+        "trained on the toy shapes task (btp.tools.toy_task): 9x9 = 81 image tokens at 72 px, 6 text layers",
+        image_size=72, patch_size=8, vision_hidden=96, vision_layers=3, vision_heads=4,
         hidden=128, intermediate=384, layers=6, heads=4, kv_heads=2, vocab=512, max_positions=512,
         init_range=0.1, weights="data/toy-vlm",
     ),

@@ -21,7 +21,7 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 96
+IMAGE_SIZE = 72
 GRID = 3
 BACKGROUND = (24, 24, 24)
 COLOURS: dict[str, tuple[int, int, int]] = {

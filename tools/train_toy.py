@@ -1,9 +1,16 @@
 """`btp-train-toy`: train `builtin:toy-vlm` on the toy shapes task and save it with `save_pretrained`.
 
-Next-token loss on the answer only (prompt: the LLaVA-1.5 chat template around the question; target: the
-answer and `</s>`), AdamW with a linear warm-up and a cosine decay, seeded and deterministic for a given
-thread count. At the end: exact-match accuracy of greedy `generate` on the fixed test split, per question
-kind, then model and processor saved (safetensors) with a `training.json` of the run.
+Two phases, seeded and deterministic for a given thread count:
+
+1. Vision warm-up (`--vision-steps`): the vision tower and projector alone, with a linear probe on the
+   projected image tokens that reads each patch's colour, shape and size (0 for background) and its grid cell.
+   A few hundred cheap steps make every image token say plainly what and where it shows.
+2. Everything: next-token loss on the answers only (prompt: the LLaVA-1.5 chat template around the
+   question; target: the answer and `</s>`), several chat turns about each image with the question kinds
+   balanced, plus `--aux` times the probe's loss. AdamW with a linear warm-up and a cosine decay.
+
+At the end: exact-match accuracy of greedy `generate` on the fixed test split, per question kind, then
+model and processor saved (safetensors) with a `training.json` of the run. The probe does not ship.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -161,13 +169,68 @@ def extra_turns(sample: toy_task.Sample, k: int, rng: random.Random,
                 describe: bool = True) -> list[tuple[str, str]]:
     """Up to `k` more (question, answer) turns about `sample`'s scene, drawn by `rng`, none repeating its own.
 
-    With `describe`, the first two are the scene descriptions `toy_task.DESCRIBE` and `toy_task.LOCATE` (in
-    random order): dense supervision that ties position words to cells and objects to position words."""
-    pool = [(q, a) for _, q, a in toy_task.scene_questions(sample.objects) if q != sample.question]
-    aux = [(q, toy_task.solve(sample.objects, q)) for q in (toy_task.DESCRIBE, toy_task.LOCATE)] if describe else []
-    rng.shuffle(aux)
-    aux = aux[:k]
-    return aux + rng.sample(pool, min(k - len(aux), len(pool)))
+    With `describe`, the first is one of the scene descriptions `toy_task.DESCRIBE` or `toy_task.LOCATE`:
+    dense supervision that ties position words to cells and objects to position words. The rest pick a
+    question kind uniformly among the kinds the scene still has questions of, then a question of that kind:
+    a scene has many more left-of pairs and attribute questions than where and count questions, and drawn
+    from the pool as it comes those rarer kinds were learned last."""
+    by_kind: dict[str, list[tuple[str, str]]] = {}
+    for kind, q, a in toy_task.scene_questions(sample.objects):
+        if q != sample.question:
+            by_kind.setdefault(kind, []).append((q, a))
+    for pool in by_kind.values():
+        rng.shuffle(pool)
+    turns = []
+    if describe and k:
+        q = rng.choice((toy_task.DESCRIBE, toy_task.LOCATE))
+        turns.append((q, toy_task.solve(sample.objects, q)))
+    while len(turns) < k and (kinds := [kind for kind, pool in by_kind.items() if pool]):
+        turns.append(by_kind[rng.choice(kinds)].pop())
+    return turns
+
+
+def patch_labels(sample: toy_task.Sample, side: int) -> torch.Tensor:
+    """What each image patch shows -> [side * side, 3] long (row-major patches): the colour, shape and size
+    index + 1 of the object whose pixels the patch holds, 0 for a patch of plain background."""
+    pixels = torch.from_numpy(np.array(sample.image)).reshape(side, -1, side, sample.image.width // side, 3)
+    shown = (pixels != torch.tensor(toy_task.BACKGROUND, dtype=pixels.dtype)).any(-1).any(-1).any(1).reshape(-1)
+    cells = patch_cells(side, sample.image.width)
+    out = torch.zeros(side * side, 3, dtype=torch.long)
+    for o in sample.objects:
+        code = torch.tensor([COLOUR_NAMES.index(o.colour), toy_task.SHAPES.index(o.shape),
+                             toy_task.SIZES.index(o.size)]) + 1
+        out[(cells == o.cell) & shown] = code
+    return out
+
+
+COLOUR_NAMES = tuple(toy_task.COLOURS)
+
+
+def patch_cells(side: int, image_size: int) -> torch.Tensor:
+    """The 3x3 grid cell (row-major) of each patch of a `side` x `side` grid -> [side * side] long."""
+    centre = (torch.arange(side) + 0.5) * image_size / side
+    rc = (centre * toy_task.GRID / image_size).long()
+    return (rc[:, None] * toy_task.GRID + rc[None, :]).reshape(-1)
+
+
+class PatchProbe(torch.nn.Module):
+    """Linear read-outs of the projected image tokens (the text model's inputs) for the patch labels and the
+    grid cell: an auxiliary loss that makes every image token say plainly what and where it shows. Only
+    used in training; it does not ship with the model."""
+
+    HEADS = (len(toy_task.COLOURS) + 1, len(toy_task.SHAPES) + 1, len(toy_task.SIZES) + 1,
+             toy_task.GRID * toy_task.GRID)
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden, sum(self.HEADS))
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N, D], labels [B, N, 3], cells [N] -> mean cross-entropy of the four heads (scalar)."""
+        targets = torch.cat([labels, cells.expand(labels.shape[0], -1)[..., None]], dim=-1)
+        logits = self.linear(tokens).split(self.HEADS, dim=-1)
+        return sum(torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), targets[..., i].reshape(-1))
+                   for i, z in enumerate(logits)) / len(logits)
 
 
 def thin(sample: toy_task.Sample, keep: int, rng: random.Random) -> toy_task.Sample:
@@ -202,28 +265,82 @@ def lr_at(step: int, steps: int, warmup: int, peak: float, floor: float = 0.02) 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+class _Projected:
+    """Holds the projector's latest output, the image tokens [B, N, D] the text model reads."""
+
+    def __init__(self, model):
+        self.tokens = None
+        model.model.multi_modal_projector.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.tokens = output
+
+
+def _progress(console: Console, quiet: bool) -> Progress:
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}"), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    return Progress(*columns, console=console, disable=quiet)
+
+
+def warm_up_vision(model, processor, probe: PatchProbe, projected: _Projected, stream, args, console: Console):
+    """Phase 1: the vision tower and projector alone learn, through `probe`, to say what each patch shows
+    (`patch_labels`) and where it lies: cheap (no text model) and it removes the long plateau during which the
+    text model would otherwise have to shape the image features through its own attention."""
+    side = int(round(model.config.vision_config.image_size / model.config.vision_config.patch_size))
+    cells = patch_cells(side, model.config.vision_config.image_size)
+    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
+              *probe.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=0.01)
+    ema = None
+    with _progress(console, args.quiet) as progress:
+        task = progress.add_task("vision", total=args.vision_steps, loss=float("nan"), lr=0.0)
+        for step in range(args.vision_steps):
+            samples = [next(stream) for _ in range(args.vision_batch)]
+            labels = torch.stack([patch_labels(s, side) for s in samples])
+            pixels = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
+            lr = lr_at(step, args.vision_steps, max(1, args.vision_steps // 15), args.vision_lr, 0.1)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            model.model.get_image_features(pixel_values=pixels,
+                                           vision_feature_layer=model.config.vision_feature_layer,
+                                           vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+            loss = probe(projected.tokens, labels, cells)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+            progress.update(task, advance=1, loss=ema, lr=lr)
+    return ema
+
+
 def train(args, console: Console):
+    """Both phases: `warm_up_vision`, then everything on the answers' loss plus `args.aux` times the probe's."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     spec, model, processor = build(args.seed)
     params = sum(p.numel() for p in model.parameters())
+    side = spec.image_size // spec.patch_size
     console.print(f"toy-vlm: {params / 1e6:.2f} M parameters, {spec.image_size} px, "
-                  f"{(spec.image_size // spec.patch_size) ** 2} image tokens, {spec.layers} text layers")
+                  f"{side * side} image tokens, {spec.layers} text layers")
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
-    warmup = max(1, int(args.warmup * args.steps))
-    stream = toy_task.iter_split("train", args.steps * args.batch)
+    probe = PatchProbe(spec.hidden)
+    projected = _Projected(model)
+    cells = patch_cells(side, spec.image_size)
+    stream = toy_task.iter_split("train")
     rng = random.Random(f"btp-train-toy:{args.seed}")
     start = time.perf_counter()
+    if args.vision_steps:
+        warm_up_vision(model, processor, probe, projected, stream, args, console)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": rest + list(probe.parameters()), "weight_decay": 0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    warmup = max(1, int(args.warmup * args.steps))
     ema, eval_s = None, 0.0
-    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}"), TimeElapsedColumn(),
-               TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=args.quiet) as progress:
+    with _progress(console, args.quiet) as progress:
         task = progress.add_task("train", total=args.steps, loss=float("nan"), lr=0.0)
         for step in range(args.steps):
             keep = curriculum_objects(step, args.steps, args.curriculum)
@@ -233,9 +350,12 @@ def train(args, console: Console):
             lr = lr_at(step, args.steps, warmup, args.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = turn_loss(model, batch)
+            loss = total = turn_loss(model, batch)
+            if args.aux:
+                labels = torch.stack([patch_labels(s, side) for s in samples])
+                total = loss + args.aux * probe(projected.tokens, labels, cells)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
@@ -256,15 +376,22 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="directory for save_pretrained (model + processor)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=32, help="samples per step; each train sample is seen once")
+    p.add_argument("--batch", type=int, default=16, help="samples per step; each train sample is seen once")
     p.add_argument("--turns", type=int, default=8,
                    help="questions per training image: the sample's own, then more about the same scene as "
                         "further chat turns (default: %(default)s)")
     p.add_argument("--no-describe", action="store_true",
                    help="no scene-description turns among the extra turns")
-    p.add_argument("--curriculum", type=float, default=0.3,
+    p.add_argument("--curriculum", type=float, default=0.0,
                    help="fraction of the steps over which scenes grow from 1 object to all of theirs, objects "
                         "that the answer needs always kept (default: %(default)s)")
+    p.add_argument("--vision-steps", type=int, default=300,
+                   help="phase 1: steps of the vision tower and projector alone on the patch labels (default: "
+                        "%(default)s; 0 skips it)")
+    p.add_argument("--vision-batch", type=int, default=64, help="images per phase-1 step (default: %(default)s)")
+    p.add_argument("--vision-lr", type=float, default=3e-3, help="phase-1 peak learning rate")
+    p.add_argument("--aux", type=float, default=0.5,
+                   help="weight of the patch-label loss in phase 2 (default: %(default)s; 0 drops it)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -277,8 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     console = Console()
-    if min(args.steps, args.batch, args.turns, args.threads, args.test_samples) < 1:
-        Console(stderr=True).print("error: --steps, --batch, --turns, --threads and --test-samples must be >= 1")
+    if min(args.steps, args.batch, args.turns, args.threads, args.test_samples, args.vision_batch) < 1:
+        Console(stderr=True).print("error: --steps, --batch, --turns, --threads, --test-samples and --vision-batch "
+                                   "must be >= 1")
+        return 2
+    if args.vision_steps < 0 or args.aux < 0:
+        Console(stderr=True).print(f"error: --vision-steps and --aux must be >= 0, got {args.vision_steps} and "
+                                   f"{args.aux}")
         return 2
     if args.test_samples > toy_task.TEST_SIZE or args.eval_samples > toy_task.TEST_SIZE:
         Console(stderr=True).print(f"error: the test split has {toy_task.TEST_SIZE} samples")
@@ -303,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": "btp-train-toy " + " ".join(sys.argv[1:] if argv is None else argv),
         "steps": args.steps, "batch": args.batch, "turns": args.turns, "curriculum": args.curriculum,
-        "describe": not args.no_describe, "lr": args.lr, "warmup": args.warmup,
+        "describe": not args.no_describe, "vision_steps": args.vision_steps, "vision_batch": args.vision_batch,
+        "vision_lr": args.vision_lr, "aux": args.aux,
+        "lr": args.lr, "warmup": args.warmup,
         "weight_decay": args.weight_decay, "seed": args.seed, "threads": args.threads,
         "parameters": params, "image_tokens": (spec.image_size // spec.patch_size) ** 2,
         "final_loss": round(loss, 4), "train_seconds": round(train_s, 1), "test_seconds": round(eval_s, 1),

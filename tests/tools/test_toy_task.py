@@ -24,7 +24,7 @@ from btp.tools.toy_task import (
 
 def _parse(image) -> tuple[Object, ...]:
     """Read the scene back from the pixels: per cell, the colour, the size from the extent, the shape from the
-    fill of the bounding box and the widths of its top and bottom rows (offsets are not recovered)."""
+    fill of the bounding box and the widths of its top and bottom rows."""
     pixels = np.asarray(image)
     names = {v: k for k, v in COLOURS.items()}
     cell = IMAGE_SIZE // GRID
@@ -50,7 +50,7 @@ def _parse(image) -> tuple[Object, ...]:
             shape = "circle"
         else:
             shape = "cross"
-        found.append(Object(c, shape, names[colours.pop()], "large" if extent > 21 else "small"))
+        found.append(Object(c, shape, names[colours.pop()], "large" if extent > 0.65 * cell else "small"))
     return tuple(found)
 
 
@@ -86,6 +86,15 @@ def test_answers_follow_from_the_pixels():
         scene = _parse(s.image)
         assert _plain(scene) == _plain(s.objects)
         assert solve(scene, s.question) == s.answer, (s.question, s.answer, scene)
+
+
+def test_descriptions_list_every_object_in_cell_order():
+    objects = (Object(0, "circle", "red", "small"), Object(4, "square", "blue", "large"))
+    assert solve(objects, toy_task.DESCRIBE) == "top left red small circle, center blue large square"
+    assert solve(objects, toy_task.LOCATE) == "red small circle top left, blue large square center"
+    assert solve(objects, "What shape is the object at the top right?") is None
+    with pytest.raises(ValueError, match="not a toy-task question"):
+        solve(objects, "Why?")
 
 
 def test_scene_questions_are_answered_by_the_scene():

@@ -2,6 +2,7 @@
 
 import json
 import random
+from collections import Counter
 
 import torch
 from safetensors.torch import load_file
@@ -26,6 +27,8 @@ def test_labels_cover_only_the_answers_and_eos():
         for answer in [s.answer] + [a for _, a in more]:
             expected += tok(" " + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
         assert labels[kept].tolist() == expected
+        weights = batch["weights"][row]
+        assert torch.all(weights[~kept] == 0) and torch.isclose(weights.sum(), torch.tensor(1.0 + len(more)))
         assert int((ids == tok.convert_tokens_to_ids("<image>")).sum()) == (spec.image_size // spec.patch_size) ** 2
     # the first turn of a conversation is exactly the one-question prompt the model is asked at test time
     first = processor(images=[samples[0].image], text=[train_toy.chat_prompt(processor, samples[0].question)],
@@ -38,7 +41,68 @@ def test_extra_turns_ask_other_questions_about_the_scene():
     sample = toy_task.make_sample("train", 5)
     turns = train_toy.extra_turns(sample, 7, random.Random(0))
     assert len(turns) == 7 and sample.question not in [q for q, _ in turns]
+    assert turns[0][0] in (toy_task.DESCRIBE, toy_task.LOCATE)
+    assert not {toy_task.DESCRIBE, toy_task.LOCATE} & {q for q, _ in turns[1:]}
     assert all(toy_task.solve(sample.objects, q) == a for q, a in turns)
+    plain = train_toy.extra_turns(sample, 3, random.Random(0), describe=False)
+    assert len(plain) == 3 and not {toy_task.DESCRIBE, toy_task.LOCATE} & {q for q, _ in plain}
+
+
+def test_extra_turns_balance_the_question_kinds():
+    """A scene holds far more left-of and attribute questions than where and count ones; the turns do not."""
+    kinds = {q: k for s in toy_task.make_split("train", 200) for k, q, _ in toy_task.scene_questions(s.objects)}
+    drawn = Counter()
+    pool = Counter()
+    rng = random.Random(0)
+    for s in toy_task.make_split("train", 200):
+        pool.update(k for k, _, _ in toy_task.scene_questions(s.objects))
+        drawn.update(kinds[q] for q, _ in train_toy.extra_turns(s, 7, rng, describe=False))
+    assert pool["left_of"] > 3 * pool["where"]
+    assert max(drawn.values()) < 2 * min(drawn.values())
+
+
+def test_patch_labels_follow_the_pixels():
+    side = 9
+    objects = (toy_task.Object(0, "square", "red", "large"), toy_task.Object(4, "circle", "blue", "small"))
+    sample = toy_task.Sample(toy_task.render(objects), "Describe the scene.", "", "", objects)
+    labels = train_toy.patch_labels(sample, side).reshape(side, side, 3)
+    red = [list(toy_task.COLOURS).index("red") + 1, toy_task.SHAPES.index("square") + 1,
+           toy_task.SIZES.index("large") + 1]
+    assert labels[0, 0].tolist() == red and labels[1, 1].tolist() == red
+    assert labels[4, 4, 0] == list(toy_task.COLOURS).index("blue") + 1
+    assert labels[8, 8].tolist() == [0, 0, 0] and labels[0, 5].tolist() == [0, 0, 0]
+    cells = train_toy.patch_cells(side, toy_task.IMAGE_SIZE).reshape(side, side)
+    assert cells[0, 0] == 0 and cells[2, 3] == 1 and cells[4, 4] == 4 and cells[8, 8] == 8
+    # every labelled patch lies in its object's cell
+    assert set(cells[labels[..., 0] > 0].tolist()) == {0, 4}
+
+
+def test_patch_probe_reads_the_four_heads():
+    probe = train_toy.PatchProbe(16)
+    tokens = torch.randn(2, 81, 16)
+    labels = torch.zeros(2, 81, 3, dtype=torch.long)
+    loss = probe(tokens, labels, train_toy.patch_cells(9, toy_task.IMAGE_SIZE))
+    assert loss.ndim == 0 and loss.item() > 0
+    loss.backward()
+    assert probe.linear.weight.grad is not None
+
+
+def test_thin_keeps_what_the_answer_needs():
+    rng = random.Random(0)
+    for sample in toy_task.make_split("train", 60):
+        thinned = train_toy.thin(sample, 1, rng)
+        assert set(thinned.objects) <= set(sample.objects) and len(thinned.objects) <= len(sample.objects)
+        assert toy_task.solve(thinned.objects, sample.question) == sample.answer
+        assert thinned.image.tobytes() == toy_task.render(thinned.objects).tobytes()
+    assert [train_toy.curriculum_objects(s, 100, 0.5) for s in (0, 10, 49, 50, 99)] == [1, 2, 6, 6, 6]
+    assert train_toy.curriculum_objects(0, 100, 0) == toy_task.MAX_OBJECTS
+
+
+def test_initial_positions_mark_the_cell_of_every_patch():
+    codes = train_toy.initial_positions(12, 96, 96)
+    assert codes.shape == (144, 96)
+    cells = [(int(codes[p, :3].argmax()), int(codes[p, 3:6].argmax())) for p in range(144)]
+    assert cells[0] == (0, 0) and cells[11] == (0, 2) and cells[143] == (2, 2) and cells[4 * 12 + 4] == (1, 1)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -48,7 +112,8 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_a_short_run_repeats_exactly_and_saves_a_loadable_model(tmp_path, capsys):
-    args = ["--steps", "2", "--batch", "2", "--turns", "2", "--test-samples", "6", "--threads", "1", "--quiet"]
+    args = ["--steps", "2", "--batch", "2", "--turns", "2", "--vision-steps", "2", "--vision-batch", "3",
+            "--test-samples", "6", "--threads", "1", "--quiet"]
     assert train_toy.main(["--out", str(tmp_path / "a"), *args]) == 0
     assert train_toy.main(["--out", str(tmp_path / "b"), *args]) == 0
     out = capsys.readouterr().out
@@ -64,4 +129,5 @@ def test_a_short_run_repeats_exactly_and_saves_a_loadable_model(tmp_path, capsys
 def test_bad_arguments_exit_2(tmp_path, capsys):
     assert train_toy.main(["--out", str(tmp_path), "--steps", "0"]) == 2
     assert train_toy.main(["--out", str(tmp_path), "--test-samples", "501"]) == 2
+    assert train_toy.main(["--out", str(tmp_path), "--vision-steps", "-1"]) == 2
     assert "500 samples" in capsys.readouterr().err
