@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from btp.tools import bench_quality
+from btp.tools import bench_quality, toy_task
 
 
 def test_answers_compare_without_case_or_final_stop():
@@ -19,7 +19,8 @@ def briefly_trained(tmp_path_factory):
     from btp.tools import train_toy
 
     out = tmp_path_factory.mktemp("toy") / "model"
-    args = ["--out", str(out), "--steps", "3", "--batch", "4", "--turns", "2", "--test-samples", "4", "--quiet"]
+    args = ["--out", str(out), "--steps", "3", "--batch", "4", "--turns", "2", "--vision-steps", "2",
+            "--vision-batch", "4", "--test-samples", "4", "--quiet"]
     assert train_toy.main(args) == 0
     return out
 
@@ -32,9 +33,9 @@ def test_quality_table_on_a_subset(briefly_trained, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     rows = {r["plan"]: r for r in report["rows"]}
     assert set(rows) == {"none", "btp@0.3", "pdrop@0.3"}
-    assert report["samples"] == 12 and report["image_tokens"] == 144
+    assert report["samples"] == 12 and report["image_tokens"] == 81
     none, btp = rows["none"], rows["btp@0.3"]
-    assert 0 <= none["accuracy"] <= 1 and none["layer_averaged_image_tokens"] == 144 and none["flops_ratio"] == 1
+    assert 0 <= none["accuracy"] <= 1 and none["layer_averaged_image_tokens"] == 81 and none["flops_ratio"] == 1
     assert abs(btp["image_token_share"] - 0.3) < 0.01 and btp["flops_ratio"] < 1
     assert set(btp["per_kind"]) <= {"colour", "shape", "size", "where", "count", "left_of", "locate"}
     if none["accuracy"] > 0:
@@ -49,7 +50,8 @@ def test_calibration_set_is_readable_by_btp_calibrate(tmp_path):
 
     root = bench_quality.write_calibration_set(tmp_path / "cal", 5)
     samples = load_samples(str(root), n=10)
-    assert len(samples) == 5 and samples[0].image.size == (96, 96) and samples[0].prompt.endswith("?")
+    assert len(samples) == 5 and samples[0].prompt.endswith("?")
+    assert samples[0].image.size == (toy_task.IMAGE_SIZE, toy_task.IMAGE_SIZE)
 
 
 @pytest.mark.parametrize("args, message", [
