@@ -11,7 +11,9 @@ made from the task's train split at the same shares.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import statistics
 import sys
@@ -81,21 +83,35 @@ def _plan_jobs(model, plans: list[str], budgets: list[float] | None, calibrate: 
 
 
 def _calibrated(model, method: str, share: float, cache: Path, samples: int, log) -> dict:
-    """A `btp-calibrate --method METHOD --retention SHARE` plan from the train split, cached."""
+    """A `btp-calibrate --method METHOD --retention SHARE` plan from the train split, cached.
+
+    The paper's four stages first; on a shallow model, where four stages after layer 1 cannot get down to
+    SHARE, three, two and then one stage. Skipped, with btp-calibrate's own error line, when none can."""
     from btp.compiler.calibrate_cli import main as calibrate
     from btp.compiler.plan import Plan
 
     label = f"calibrated-{method}@{share:g}"
-    out = cache / f"{model.fingerprint[:16]}-{label}-n{samples}.plan.json"
-    if not out.is_file():
-        data = write_calibration_set(cache / f"calibration-n{samples}", samples)
-        log(f"calibrating {label} on {samples} train samples")
-        code = calibrate([model.name, "--data", str(data), "--samples", str(samples), "--retention", str(share),
-                          "--method", method, "-o", str(out)])
-        if code != 0:
-            return {"plan": label, "method": f"calibrated-{method}", "budget": share,
-                    "skipped": f"btp-calibrate exited {code}"}
-    return {"plan": label, "method": f"calibrated-{method}", "budget": share, "spec": Plan.load(out)}
+    data = None
+    error = ""
+    for stages in (4, 3, 2, 1):
+        out = cache / f"{model.fingerprint[:16]}-{label}-s{stages}-n{samples}.plan.json"
+        if not out.is_file():
+            if stages >= model.num_layers:
+                continue
+            data = data or write_calibration_set(cache / f"calibration-n{samples}", samples)
+            log(f"calibrating {label} ({stages} stages) on {samples} train samples")
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = calibrate([model.name, "--data", str(data), "--samples", str(samples), "--retention",
+                                  str(share), "--method", method, "--stages", str(stages), "-o", str(out)])
+            if code != 0:
+                lines = [x for x in err.getvalue().splitlines() if "error" in x]
+                error = lines[-1] if lines else f"btp-calibrate exited {code}"
+                continue
+        return {"plan": label, "method": f"calibrated-{method}", "budget": share, "calibrated_stages": stages,
+                "spec": Plan.load(out)}
+    return {"plan": label, "method": f"calibrated-{method}", "budget": share,
+            "skipped": f"out of reach with 4 to 1 stages: {error}"}
 
 
 def _artifact(model, plan, cache: Path, batch: int, log) -> Path:
@@ -248,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--calibrate needs --budgets (the shares the plans are calibrated for)")
         if args.batch < 1 or (args.samples is not None and args.samples < 1) or args.calibration_samples < 2:
             raise InputError("--batch and --samples must be >= 1, --calibration-samples >= 2")
-        report = quality(args.model, plans, budgets, calibrate, args.samples, args.batch, args.cache,
-                         args.calibration_samples, log=lambda m: print(m, file=sys.stderr))
+        with contextlib.redirect_stdout(sys.stderr):  # compile and calibrate print; stdout is the report
+            report = quality(args.model, plans, budgets, calibrate, args.samples, args.batch, args.cache,
+                             args.calibration_samples, log=lambda m: print(m, file=sys.stderr))
         if args.plot:
             plot(report, args.plot)
         if args.json:
