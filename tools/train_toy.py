@@ -189,6 +189,9 @@ def extra_turns(sample: toy_task.Sample, k: int, rng: random.Random,
     return turns
 
 
+COLOUR_NAMES = tuple(toy_task.COLOURS)
+
+
 def patch_labels(sample: toy_task.Sample, side: int) -> torch.Tensor:
     """What each image patch shows -> [side * side, 3] long (row-major patches): the colour, shape and size
     index + 1 of the object whose pixels the patch holds, 0 for a patch of plain background."""
@@ -201,9 +204,6 @@ def patch_labels(sample: toy_task.Sample, side: int) -> torch.Tensor:
                              toy_task.SIZES.index(o.size)]) + 1
         out[(cells == o.cell) & shown] = code
     return out
-
-
-COLOUR_NAMES = tuple(toy_task.COLOURS)
 
 
 def patch_cells(side: int, image_size: int) -> torch.Tensor:
@@ -283,11 +283,11 @@ def _progress(console: Console, quiet: bool) -> Progress:
     return Progress(*columns, console=console, disable=quiet)
 
 
-def warm_up_vision(model, processor, probe: PatchProbe, projected: _Projected, stream, args, console: Console):
+def warm_up_vision(model, processor, probe: PatchProbe, projected: _Projected, side: int, stream, args,
+                   console: Console):
     """Phase 1: the vision tower and projector alone learn, through `probe`, to say what each patch shows
-    (`patch_labels`) and where it lies: cheap (no text model) and it removes the long plateau during which the
-    text model would otherwise have to shape the image features through its own attention."""
-    side = int(round(model.config.vision_config.image_size / model.config.vision_config.patch_size))
+    (`patch_labels` of a `side` x `side` grid) and where it lies: cheap (no text model), and it removes the
+    long plateau during which the text model would otherwise shape the image features through its attention."""
     cells = patch_cells(side, model.config.vision_config.image_size)
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
               *probe.parameters()]
@@ -332,7 +332,7 @@ def train(args, console: Console):
     rng = random.Random(f"btp-train-toy:{args.seed}")
     start = time.perf_counter()
     if args.vision_steps:
-        warm_up_vision(model, processor, probe, projected, stream, args, console)
+        warm_up_vision(model, processor, probe, projected, side, stream, args, console)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
