@@ -2,9 +2,12 @@
 
 Two phases, seeded and deterministic for a given thread count:
 
-1. Vision warm-up (`--vision-steps`): the vision tower and projector alone, with a linear probe on the
-   projected image tokens that reads each patch's colour, shape and size (0 for background) and its grid cell.
-   A few hundred cheap steps make every image token say plainly what and where it shows.
+1. Vision warm-up (`--vision-steps`): the vision tower and projector alone, with a probe on the projected
+   image tokens that reads each patch's colour, shape and size (0 for background) through the text model's
+   embeddings of those words, and its grid cell. A few hundred cheap steps make every image token say
+   plainly what and where it shows, in the words a question uses. One query head per KV group of every text
+   layer starts with its key projection equal to its query projection (`matching_heads`), so that words
+   find the image tokens that look like them.
 2. Everything: next-token loss on the answers only (prompt: the LLaVA-1.5 chat template around the
    question; target: the answer and `</s>`), several chat turns about each image with the question kinds
    balanced, plus `--aux` times the probe's loss. AdamW with a linear warm-up and a cosine decay.
@@ -162,7 +165,26 @@ def build(seed: int):
     with torch.no_grad():
         table.zero_()
         table[1:] = initial_positions(spec.image_size // spec.patch_size, table.shape[1], spec.image_size)
+    matching_heads(model)
     return spec, model, processor
+
+
+def matching_heads(model) -> None:
+    """Start the first query head of every KV group of every text layer with its key projection equal to its
+    query projection (in place). Such a head scores q.k = x W W^T y, which is large where x and y are alike:
+    from the first step, a token that holds the words of a question ('red', 'circle') already leans towards
+    the image tokens that the tied probe (`PatchProbe`) makes look like those words. With random key and
+    query projections, finding an object by what it looks like was learned last, if at all."""
+    cfg = model.config.text_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            attn = layer.self_attn
+            for kv in range(cfg.num_key_value_heads):
+                q = kv * group
+                attn.k_proj.weight[kv * head_dim : (kv + 1) * head_dim] = \
+                    attn.q_proj.weight[q * head_dim : (q + 1) * head_dim]
 
 
 def extra_turns(sample: toy_task.Sample, k: int, rng: random.Random,
@@ -213,22 +235,46 @@ def patch_cells(side: int, image_size: int) -> torch.Tensor:
     return (rc[:, None] * toy_task.GRID + rc[None, :]).reshape(-1)
 
 
+def word_ids(tokenizer, words) -> list[int]:
+    """The token id of each of `words` as it follows a space in a question -> [len(words)]; each must be one token."""
+    ids = [tokenizer(" " + w, add_special_tokens=False).input_ids for w in words]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"the toy tokenizer must keep every attribute word one token, got {dict(zip(words, ids))}")
+    return [i[0] for i in ids]
+
+
 class PatchProbe(torch.nn.Module):
-    """Linear read-outs of the projected image tokens (the text model's inputs) for the patch labels and the
-    grid cell: an auxiliary loss that makes every image token say plainly what and where it shows. Only
-    used in training; it does not ship with the model."""
+    """Read-outs of the projected image tokens (the text model's inputs) for the patch labels and the grid cell:
+    an auxiliary loss that makes every image token say plainly what and where it shows. Only used in training;
+    it does not ship with the model.
+
+    The colour, shape and size heads are tied to the text model's word embeddings `embed`: the logit of
+    'red' is the token's dot product with the embedding of ' red' (scaled, plus a bias; background has a
+    vector of its own). An image token of a red circle thus comes to look like the words 'red' and 'circle',
+    which `matching_heads` can find from a question that holds them. The cell head is a plain linear one."""
 
     HEADS = (len(toy_task.COLOURS) + 1, len(toy_task.SHAPES) + 1, len(toy_task.SIZES) + 1,
              toy_task.GRID * toy_task.GRID)
 
-    def __init__(self, hidden: int):
+    def __init__(self, embed: torch.nn.Embedding, tokenizer):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden, sum(self.HEADS))
+        hidden = embed.weight.shape[1]
+        self.embed = [embed]  # a list: the embedding stays the text model's, not a submodule of the probe
+        self.ids = [word_ids(tokenizer, words) for words in (COLOUR_NAMES, toy_task.SHAPES, toy_task.SIZES)]
+        self.background = torch.nn.Parameter(torch.zeros(3, hidden))
+        self.bias = torch.nn.Parameter(torch.zeros(sum(self.HEADS[:3])))
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+        self.cell = torch.nn.Linear(hidden, self.HEADS[3])
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """tokens [B, N, D], labels [B, N, 3], cells [N] -> mean cross-entropy of the four heads (scalar)."""
         targets = torch.cat([labels, cells.expand(labels.shape[0], -1)[..., None]], dim=-1)
-        logits = self.linear(tokens).split(self.HEADS, dim=-1)
+        words = self.embed[0].weight
+        logits = []
+        for i, (ids, bias) in enumerate(zip(self.ids, self.bias.split(self.HEADS[:3]))):
+            table = torch.cat([self.background[i : i + 1], words[ids]])
+            logits.append(self.scale * tokens @ table.T + bias)
+        logits.append(self.cell(tokens))
         return sum(torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), targets[..., i].reshape(-1))
                    for i, z in enumerate(logits)) / len(logits)
 
@@ -325,7 +371,7 @@ def train(args, console: Console):
     console.print(f"toy-vlm: {params / 1e6:.2f} M parameters, {spec.image_size} px, "
                   f"{side * side} image tokens, {spec.layers} text layers")
     model.train()
-    probe = PatchProbe(spec.hidden)
+    probe = PatchProbe(model.get_input_embeddings(), processor.tokenizer)
     projected = _Projected(model)
     cells = patch_cells(side, spec.image_size)
     stream = toy_task.iter_split("train")
@@ -375,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="btp-train-toy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="directory for save_pretrained (model + processor)")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1800, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch", type=int, default=16, help="samples per step; each train sample is seen once")
     p.add_argument("--turns", type=int, default=8,
                    help="questions per training image: the sample's own, then more about the same scene as "

@@ -4,6 +4,7 @@ import json
 import random
 from collections import Counter
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -77,14 +78,48 @@ def test_patch_labels_follow_the_pixels():
     assert set(cells[labels[..., 0] > 0].tolist()) == {0, 4}
 
 
-def test_patch_probe_reads_the_four_heads():
-    probe = train_toy.PatchProbe(16)
-    tokens = torch.randn(2, 81, 16)
+def test_patch_probe_reads_attributes_through_the_word_embeddings():
+    _, model, processor = train_toy.build(0)
+    embed = model.get_input_embeddings()
+    probe = train_toy.PatchProbe(embed, processor.tokenizer)
+    assert not any(p is embed.weight for p in probe.parameters())  # the embedding stays the text model's
+    cells = train_toy.patch_cells(9, toy_task.IMAGE_SIZE)
     labels = torch.zeros(2, 81, 3, dtype=torch.long)
-    loss = probe(tokens, labels, train_toy.patch_cells(9, toy_task.IMAGE_SIZE))
-    assert loss.ndim == 0 and loss.item() > 0
+    labels[:, :9] = torch.tensor([1, 1, 2])  # red circle, large
+    red, circle, large = train_toy.word_ids(processor.tokenizer, ["red", "circle", "large"])
+    like_words = (embed.weight[red] + embed.weight[circle] + embed.weight[large]).detach()
+    tokens = torch.zeros(2, 81, embed.weight.shape[1])
+    tokens[:, :9] = like_words
+    random_tokens = torch.randn_like(tokens)
+    random_tokens[:, 9:] = 0
+    # a token that looks like the words of its labels reads better than a random one
+    assert probe(tokens, labels, cells) < probe(random_tokens, labels, cells)
+    tokens.requires_grad_(True)
+    loss = probe(tokens, labels, cells)
     loss.backward()
-    assert probe.linear.weight.grad is not None
+    assert loss.ndim == 0 and embed.weight.grad[red].abs().sum() > 0 and probe.cell.weight.grad is not None
+
+
+def test_attribute_words_are_single_tokens_and_others_are_refused():
+    _, _, processor = train_toy.build(0)
+    ids = train_toy.word_ids(processor.tokenizer, [*toy_task.COLOURS, *toy_task.SHAPES, *toy_task.SIZES])
+    assert len(set(ids)) == len(ids)
+    with pytest.raises(ValueError, match="one token"):
+        train_toy.word_ids(processor.tokenizer, ["red", "antidisestablishment"])
+
+
+def test_matching_heads_start_with_keys_equal_to_queries():
+    _, model, _ = train_toy.build(0)
+    cfg = model.config.text_config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    for layer in model.model.language_model.layers:
+        q, k = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
+        for kv in range(cfg.num_key_value_heads):
+            head = kv * group
+            assert torch.equal(k[kv * head_dim : (kv + 1) * head_dim], q[head * head_dim : (head + 1) * head_dim])
+            other = (head + 1) * head_dim
+            assert not torch.equal(k[kv * head_dim : (kv + 1) * head_dim], q[other : other + head_dim])
 
 
 def test_thin_keeps_what_the_answer_needs():
