@@ -339,6 +339,8 @@ def warm_up_vision(model, processor, probe: PatchProbe, projected: _Projected, s
               *probe.parameters()]
     opt = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=0.01)
     ema = None
+    words = model.get_input_embeddings().weight
+    words.requires_grad_(False)  # the tied probe reads the word embeddings; only phase 2 trains them
     with _progress(console, args.quiet) as progress:
         task = progress.add_task("vision", total=args.vision_steps, loss=float("nan"), lr=0.0)
         for step in range(args.vision_steps):
@@ -357,6 +359,7 @@ def warm_up_vision(model, processor, probe: PatchProbe, projected: _Projected, s
             opt.step()
             ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
             progress.update(task, advance=1, loss=ema, lr=lr)
+    words.requires_grad_(True)
     return ema
 
 
