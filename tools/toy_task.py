@@ -242,6 +242,16 @@ def solve(objects: tuple[Object, ...], question: str) -> str | None:
     return "yes" if a.cell % GRID < b.cell % GRID else "no"
 
 
+def kind_of(question: str) -> str:
+    """The kind (one of `KINDS`) of a task question, 'describe' for `DESCRIBE` and `LOCATE`."""
+    if question in (DESCRIBE, LOCATE):
+        return "describe"
+    for pattern, form in _QUESTIONS:
+        if m := pattern.fullmatch(question):
+            return m.group(1) if form == "attribute" else "count" if form.startswith("count") else form
+    raise ValueError(f"not a toy-task question: {question!r}")
+
+
 def scene_questions(objects: tuple[Object, ...]) -> list[tuple[str, str, str]]:
     """Every question of the task that the scene `objects` answers -> [(kind, question, answer)]."""
     out = []

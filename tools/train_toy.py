@@ -56,40 +56,52 @@ def conversation(processor, turns: list[tuple[str, str]]) -> str:
     return processor.apply_chat_template(messages)
 
 
+TURN_KINDS = (*toy_task.KINDS, "describe")
+
+
 def encode_batch(processor, samples: list[toy_task.Sample],
                  extra: list[list[tuple[str, str]]] | None = None) -> dict[str, torch.Tensor]:
     """Training inputs for `samples`, each followed by its `extra` (question, answer) turns about the same image:
     input_ids, attention_mask [B, T] (left-padded), pixel_values [B, 3, H, W], labels [B, T] (-100 except on
     the tokens after each 'ASSISTANT:' up to and including its `</s>`), weights [B, T] (1 / answer length on
-    those tokens, 0 elsewhere)."""
+    those tokens, 0 elsewhere), kinds [B, T] (the index in `TURN_KINDS` of the answer's question, -1 elsewhere)."""
     extra = extra or [[] for _ in samples]
-    texts = [conversation(processor, [(s.question, s.answer), *more]) for s, more in zip(samples, extra)]
+    turns = [[(s.question, s.answer), *more] for s, more in zip(samples, extra)]
+    texts = [conversation(processor, t) for t in turns]
     batch = processor(images=[s.image for s in samples], text=texts, padding=True, return_tensors="pt")
     tok = processor.tokenizer
     marker = tok(" ASSISTANT:", add_special_tokens=False).input_ids
     ids = batch["input_ids"]
     labels = torch.full_like(ids, -100)
     weights = torch.zeros(ids.shape)
+    kinds = torch.full_like(ids, -1)
     for row in range(ids.shape[0]):
         seq = ids[row].tolist()
-        start = None
+        start, turn = None, 0
         for t in range(len(seq)):
             if start is None and seq[max(0, t - len(marker)) : t] == marker:
                 start = t
             if start is not None and seq[t] == tok.eos_token_id:
                 labels[row, start : t + 1] = ids[row, start : t + 1]
                 weights[row, start : t + 1] = 1.0 / (t + 1 - start)
-                start = None
-    return {**batch, "labels": labels, "weights": weights}
+                kinds[row, start : t + 1] = TURN_KINDS.index(toy_task.kind_of(turns[row][turn][0]))
+                start, turn = None, turn + 1
+    return {**batch, "labels": labels, "weights": weights, "kinds": kinds}
 
 
-def turn_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def turn_loss(model, batch: dict[str, torch.Tensor], by_kind: dict[str, float] | None = None) -> torch.Tensor:
     """Next-token cross-entropy on the answer tokens, every answer weighted equally whatever its length (a
-    one-word answer counts as much as a scene description) -> scalar."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "weights")}
+    one-word answer counts as much as a scene description) -> scalar. `by_kind`, when given, receives the mean
+    loss of the answers of each kind in the batch (`TURN_KINDS`; floats, no gradient)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "weights", "kinds")}
     logits = model(**inputs).logits[:, :-1].float()
     labels, weights = batch["labels"][:, 1:], batch["weights"][:, 1:]
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    if by_kind is not None:
+        kinds, per_answer = batch["kinds"][:, 1:], (ce * weights).detach()
+        for i, kind in enumerate(TURN_KINDS):
+            if (mask := kinds == i).any():
+                by_kind[kind] = float(per_answer[mask].sum() / weights[mask].sum())
     return (ce * weights).sum() / weights.sum()
 
 
@@ -388,7 +400,7 @@ def train(args, console: Console):
                              {"params": rest + list(probe.parameters()), "weight_decay": 0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
     warmup = max(1, int(args.warmup * args.steps))
-    ema, eval_s = None, 0.0
+    ema, eval_s, kind_loss = None, 0.0, {}
     with _progress(console, args.quiet) as progress:
         task = progress.add_task("train", total=args.steps, loss=float("nan"), lr=0.0)
         for step in range(args.steps):
@@ -399,7 +411,10 @@ def train(args, console: Console):
             lr = lr_at(step, args.steps, warmup, args.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = total = turn_loss(model, batch)
+            seen: dict[str, float] = {}
+            loss = total = turn_loss(model, batch, seen)
+            for kind, value in seen.items():  # running means of the loss of each kind, for the progress reports
+                kind_loss[kind] = value if kind not in kind_loss else 0.95 * kind_loss[kind] + 0.05 * value
             if args.aux:
                 labels = torch.stack([patch_labels(s, side) for s in samples])
                 total = loss + args.aux * probe(projected.tokens, labels, cells)
@@ -414,7 +429,9 @@ def train(args, console: Console):
                 acc, kinds = accuracy(model, processor, toy_task.make_split("test", args.eval_samples))
                 progress.console.print(f"step {step + 1} ({tick - start - eval_s:.0f} s): loss {ema:.3f}, "
                                        f"test accuracy ({args.eval_samples}) {acc:.1%}  "
-                                       + "  ".join(f"{k} {v:.0%}" for k, v in kinds.items()))
+                                       + "  ".join(f"{k} {v:.0%}" for k, v in kinds.items())
+                                       + "; training loss (all turns) "
+                                       + "  ".join(f"{k} {kind_loss[k]:.2f}" for k in TURN_KINDS if k in kind_loss))
                 eval_s += time.perf_counter() - tick
     train_s = time.perf_counter() - start - eval_s  # the optional progress evaluations do not count
     return spec, model.eval(), processor, params, train_s, ema

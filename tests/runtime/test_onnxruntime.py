@@ -40,6 +40,21 @@ def test_onnxruntime_pipeline_equals_reference(pipelines, images, preset, batch)
     assert len(a.token_ids[0]) == 32 or a.token_ids[0][-1] in ort_pipe.spec.eos_token_ids
 
 
+@pytest.mark.parametrize("preset", ["btp", "pdrop"])
+def test_image_after_the_question_prunes_the_same_as_the_reference(pipelines, images, preset):
+    """A chat template may put the image after the question (builtin:toy-vlm's does): the image span then
+    starts at a different place in each row, and the pruning follows it."""
+    ort_pipe, ref = pipelines(preset)
+    prompts = ["USER: What is shown?\n<image> ASSISTANT:",
+               "USER: Describe the colours and the shapes of everything here.\n<image> ASSISTANT:"]
+    a = ort_pipe.generate(images, prompts, max_new_tokens=8, output_logits=True)
+    b = ref.generate(images, prompts, max_new_tokens=8, output_logits=True)
+    starts = [ids.index(ort_pipe.spec.image_token_id) for ids in a.prompt_ids]
+    assert starts[0] != starts[1] and min(starts) > 1
+    assert (a.logits[0] - b.logits[0]).abs().max().item() <= 1e-4
+    assert a.kept_indices == b.kept_indices and a.token_ids == b.token_ids
+
+
 @pytest.mark.parametrize("preset", ["btp", "divprune"])
 def test_every_graph_equals_its_torch_module_on_captured_inputs(pipelines, images, preset):
     ort_pipe, ref = pipelines(preset)

@@ -104,6 +104,15 @@ def test_scene_questions_are_answered_by_the_scene():
         assert all(a in ANSWERS[k] and solve(s.objects, q) == a for k, q, a in asked)
 
 
+def test_every_question_names_its_kind():
+    for s in make_split("train", 60):
+        assert toy_task.kind_of(s.question) == s.kind
+        assert all(toy_task.kind_of(q) == k for k, q, _ in scene_questions(s.objects))
+    assert toy_task.kind_of(toy_task.DESCRIBE) == toy_task.kind_of(toy_task.LOCATE) == "describe"
+    with pytest.raises(ValueError, match="not a toy-task question"):
+        toy_task.kind_of("Why?")
+
+
 def test_answers_are_balanced_within_each_kind():
     samples = make_split("train", 3000)
     by_kind = {k: Counter(s.answer for s in samples if s.kind == k) for k in KINDS}

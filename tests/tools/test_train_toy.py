@@ -30,6 +30,12 @@ def test_labels_cover_only_the_answers_and_eos():
         assert labels[kept].tolist() == expected
         weights = batch["weights"][row]
         assert torch.all(weights[~kept] == 0) and torch.isclose(weights.sum(), torch.tensor(1.0 + len(more)))
+        # every answer token carries the kind of its question, in turn order
+        kinds = batch["kinds"][row]
+        assert torch.equal(kinds >= 0, kept)
+        spans = [k for i, k in enumerate(kinds.tolist()) if k >= 0 and (i == 0 or kinds[i - 1] < 0)]
+        assert [train_toy.TURN_KINDS[k] for k in spans] == [toy_task.kind_of(q) for q in [s.question] +
+                                                                 [q for q, _ in more]]
         assert int((ids == tok.convert_tokens_to_ids("<image>")).sum()) == (spec.image_size // spec.patch_size) ** 2
     # the first turn of a conversation is exactly the one-question prompt the model is asked at test time
     first = processor(images=[samples[0].image], text=[train_toy.chat_prompt(processor, samples[0].question)],
@@ -60,6 +66,17 @@ def test_extra_turns_balance_the_question_kinds():
         drawn.update(kinds[q] for q, _ in train_toy.extra_turns(s, 7, rng, describe=False))
     assert pool["left_of"] > 3 * pool["where"]
     assert max(drawn.values()) < 2 * min(drawn.values())
+
+
+def test_the_loss_reports_each_kind_of_answer():
+    samples = toy_task.make_split("train", 6)
+    _, model, processor = train_toy.build(0)
+    extra = [train_toy.extra_turns(s, 3, random.Random(0)) for s in samples]
+    by_kind = {}
+    loss = train_toy.turn_loss(model, train_toy.encode_batch(processor, samples, extra), by_kind)
+    asked = {toy_task.kind_of(q) for s, more in zip(samples, extra) for q in [s.question, *(q for q, _ in more)]}
+    assert set(by_kind) == asked and all(v > 0 for v in by_kind.values())
+    assert min(by_kind.values()) <= loss.item() <= max(by_kind.values())
 
 
 def test_patch_labels_follow_the_pixels():
