@@ -92,7 +92,8 @@ def encode_batch(processor, samples: list[toy_task.Sample],
 def turn_loss(model, batch: dict[str, torch.Tensor], by_kind: dict[str, float] | None = None) -> torch.Tensor:
     """Next-token cross-entropy on the answer tokens, every answer weighted equally whatever its length (a
     one-word answer counts as much as a scene description) -> scalar. `by_kind`, when given, receives the mean
-    loss of the answers of each kind in the batch (`TURN_KINDS`; floats, no gradient)."""
+    loss of the answers of each kind in the batch (`TURN_KINDS`; floats, no gradient). An answer's loss is the
+    mean over its tokens and its `</s>`, which is nearly free: guessing a yes/no answer scores ln(2)/2 = 0.35."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "weights", "kinds")}
     logits = model(**inputs).logits[:, :-1].float()
     labels, weights = batch["labels"][:, 1:], batch["weights"][:, 1:]
@@ -430,7 +431,7 @@ def train(args, console: Console):
                 progress.console.print(f"step {step + 1} ({tick - start - eval_s:.0f} s): loss {ema:.3f}, "
                                        f"test accuracy ({args.eval_samples}) {acc:.1%}  "
                                        + "  ".join(f"{k} {v:.0%}" for k, v in kinds.items())
-                                       + "; training loss (all turns) "
+                                       + "; training loss per answer (all turns, </s> included) "
                                        + "  ".join(f"{k} {kind_loss[k]:.2f}" for k in TURN_KINDS if k in kind_loss))
                 eval_s += time.perf_counter() - tick
     train_s = time.perf_counter() - start - eval_s  # the optional progress evaluations do not count
