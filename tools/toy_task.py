@@ -205,6 +205,14 @@ def locate(objects: tuple[Object, ...]) -> str:
                                                                                          key=lambda o: o.cell))
 
 
+def _parse(question: str) -> tuple[str, re.Match]:
+    """The form of a task question (`_QUESTIONS`) and its match; ValueError for anything else."""
+    for pattern, form in _QUESTIONS:
+        if m := pattern.fullmatch(question):
+            return form, m
+    raise ValueError(f"not a toy-task question: {question!r}")
+
+
 def solve(objects: tuple[Object, ...], question: str) -> str | None:
     """The answer to `question` about the scene `objects`, or None when the scene does not fix one
     (an empty cell, an object that is missing or not unique, a count above three)."""
@@ -212,11 +220,7 @@ def solve(objects: tuple[Object, ...], question: str) -> str | None:
         return describe(objects)
     if question == LOCATE:
         return locate(objects)
-    for pattern, form in _QUESTIONS:  # noqa: B007 - the matching form is used after the loop
-        if m := pattern.fullmatch(question):
-            break
-    else:
-        raise ValueError(f"not a toy-task question: {question!r}")
+    form, m = _parse(question)
 
     def find(colour, shape):
         found = [o for o in objects if (o.colour, o.shape) == (colour, shape)]
@@ -246,10 +250,8 @@ def kind_of(question: str) -> str:
     """The kind (one of `KINDS`) of a task question, 'describe' for `DESCRIBE` and `LOCATE`."""
     if question in (DESCRIBE, LOCATE):
         return "describe"
-    for pattern, form in _QUESTIONS:
-        if m := pattern.fullmatch(question):
-            return m.group(1) if form == "attribute" else "count" if form.startswith("count") else form
-    raise ValueError(f"not a toy-task question: {question!r}")
+    form, m = _parse(question)
+    return m.group(1) if form == "attribute" else "count" if form.startswith("count") else form
 
 
 def scene_questions(objects: tuple[Object, ...]) -> list[tuple[str, str, str]]:

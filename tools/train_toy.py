@@ -412,9 +412,9 @@ def train(args, console: Console):
             lr = lr_at(step, args.steps, warmup, args.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            seen: dict[str, float] = {}
+            seen: dict[str, float] | None = {} if args.eval_every else None  # only the progress reports read it
             loss = total = turn_loss(model, batch, seen)
-            for kind, value in seen.items():  # running means of the loss of each kind, for the progress reports
+            for kind, value in (seen or {}).items():  # running means of the loss of each kind, for the progress reports
                 kind_loss[kind] = value if kind not in kind_loss else 0.95 * kind_loss[kind] + 0.05 * value
             if args.aux:
                 labels = torch.stack([patch_labels(s, side) for s in samples])
