@@ -57,6 +57,7 @@ def conversation(processor, turns: list[tuple[str, str]]) -> str:
 
 
 TURN_KINDS = (*toy_task.KINDS, "describe")
+TRAINING_KEYS = ("labels", "weights", "kinds", "cells", "counts")  # encode_batch's targets, not model inputs
 
 
 def encode_batch(processor, samples: list[toy_task.Sample],
@@ -64,7 +65,11 @@ def encode_batch(processor, samples: list[toy_task.Sample],
     """Training inputs for `samples`, each followed by its `extra` (question, answer) turns about the same image:
     input_ids, attention_mask [B, T] (left-padded), pixel_values [B, 3, H, W], labels [B, T] (-100 except on
     the tokens after each 'ASSISTANT:' up to and including its `</s>`), weights [B, T] (1 / answer length on
-    those tokens, 0 elsewhere), kinds [B, T] (the index in `TURN_KINDS` of the answer's question, -1 elsewhere)."""
+    those tokens, 0 elsewhere), kinds [B, T] (the index in `TURN_KINDS` of the answer's question, -1 elsewhere),
+    cells [B, T] (at the shape word of each object a question names by colour and shape, as in 'Where is the red
+    circle?' and both objects of a left-of question: that object's grid cell; -1 elsewhere), counts [B, T] (at
+    the word a count question counts, 'circles' or 'objects' in 'How many red objects': the answer's number, 0 to
+    3; -1 elsewhere)."""
     extra = extra or [[] for _ in samples]
     turns = [[(s.question, s.answer), *more] for s, more in zip(samples, extra)]
     texts = [conversation(processor, t) for t in turns]
@@ -75,8 +80,27 @@ def encode_batch(processor, samples: list[toy_task.Sample],
     labels = torch.full_like(ids, -100)
     weights = torch.zeros(ids.shape)
     kinds = torch.full_like(ids, -1)
+    cells = torch.full_like(ids, -1)
+    counts = torch.full_like(ids, -1)
+    colour_ids, shape_ids = word_ids(tok, COLOUR_NAMES), word_ids(tok, toy_task.SHAPES)
+    plural_ids = word_ids(tok, [toy_task.PLURALS[shape] for shape in toy_task.SHAPES])
+    many, objects_id = word_ids(tok, ["many", "objects"])
     for row in range(ids.shape[0]):
         seq = ids[row].tolist()
+        where = {(o.colour, o.shape): o.cell for o in samples[row].objects}
+        for t in range(1, len(seq)):
+            if seq[t - 1] in colour_ids and seq[t] in shape_ids:
+                key = (COLOUR_NAMES[colour_ids.index(seq[t - 1])], toy_task.SHAPES[shape_ids.index(seq[t])])
+                cells[row, t] = where.get(key, -1)
+            if seq[t - 1] == many and seq[t] in plural_ids:
+                shape = toy_task.SHAPES[plural_ids.index(seq[t])]
+                n = sum(o.shape == shape for o in samples[row].objects)
+            elif t > 1 and seq[t - 2] == many and seq[t - 1] in colour_ids and seq[t] == objects_id:
+                colour = COLOUR_NAMES[colour_ids.index(seq[t - 1])]
+                n = sum(o.colour == colour for o in samples[row].objects)
+            else:
+                continue
+            counts[row, t] = n if n < len(toy_task.NUMBERS) else -1
         start, turn = None, 0
         for t in range(len(seq)):
             if start is None and seq[max(0, t - len(marker)) : t] == marker:
@@ -86,7 +110,8 @@ def encode_batch(processor, samples: list[toy_task.Sample],
                 weights[row, start : t + 1] = 1.0 / (t + 1 - start)
                 kinds[row, start : t + 1] = TURN_KINDS.index(toy_task.kind_of(turns[row][turn][0]))
                 start, turn = None, turn + 1
-    return {**batch, "labels": labels, "weights": weights, "kinds": kinds}
+    return {**batch, "labels": labels, "weights": weights, "kinds": kinds, "cells": cells,
+            "counts": counts}
 
 
 def turn_loss(model, batch: dict[str, torch.Tensor], by_kind: dict[str, float] | None = None) -> torch.Tensor:
@@ -94,7 +119,7 @@ def turn_loss(model, batch: dict[str, torch.Tensor], by_kind: dict[str, float] |
     one-word answer counts as much as a scene description) -> scalar. `by_kind`, when given, receives the mean
     loss of the answers of each kind in the batch (`TURN_KINDS`; floats, no gradient). An answer's loss is the
     mean over its tokens and its `</s>`, which is nearly free: guessing a yes/no answer scores ln(2)/2 = 0.35."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "weights", "kinds")}
+    inputs = {k: v for k, v in batch.items() if k not in TRAINING_KEYS}
     logits = model(**inputs).logits[:, :-1].float()
     labels, weights = batch["labels"][:, 1:], batch["weights"][:, 1:]
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
@@ -324,6 +349,36 @@ def lr_at(step: int, steps: int, warmup: int, peak: float, floor: float = 0.02) 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+class QuestionReadout(torch.nn.Module):
+    """Read-outs from the hidden states after text layer `layer` at the words a question is about: the grid cell
+    of each object it names by colour and shape (at the shape word) and, for a count question, the count (at
+    the counted word); `encode_batch`'s `cells` and `counts`. Auxiliary losses that train the look-up of an
+    object, and the count, where the question states them: a left-of question needs two look-ups and a
+    comparison, and trained on the answer alone its loss never left chance. Only used in training; it does not
+    ship with the model."""
+
+    def __init__(self, model, layer: int):
+        super().__init__()
+        hidden = model.config.text_config.hidden_size
+        self.cell = torch.nn.Linear(hidden, toy_task.GRID * toy_task.GRID)
+        self.count = torch.nn.Linear(hidden, len(toy_task.NUMBERS))
+        self.hidden = None
+        model.model.language_model.layers[layer - 1].register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.hidden = output[0] if isinstance(output, tuple) else output
+
+    def forward(self, cells: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cells, counts [B, T] (-1 where there is nothing to read) -> mean cross-entropy (scalars) of the cell
+        and count heads on the latest forward pass's hidden states [B, T, D] after the layer (0 when none)."""
+        losses = []
+        for head, target in ((self.cell, cells), (self.count, counts)):
+            mask = target >= 0
+            losses.append(torch.nn.functional.cross_entropy(head(self.hidden[mask]).float(), target[mask])
+                          if mask.any() else self.hidden.sum() * 0.0)
+        return losses[0], losses[1]
+
+
 class _Projected:
     """Holds the projector's latest output, the image tokens [B, N, D] the text model reads."""
 
@@ -389,6 +444,7 @@ def train(args, console: Console):
     model.train()
     probe = PatchProbe(model.get_input_embeddings(), processor.tokenizer)
     projected = _Projected(model)
+    readout = QuestionReadout(model, args.object_layer) if args.object_aux or args.count_aux else None
     cells = patch_cells(side, spec.image_size)
     stream = toy_task.iter_split("train")
     rng = random.Random(f"btp-train-toy:{args.seed}")
@@ -398,7 +454,8 @@ def train(args, console: Console):
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": rest + list(probe.parameters()), "weight_decay": 0}],
+                             {"params": rest + list(probe.parameters())
+                              + (list(readout.parameters()) if readout else []), "weight_decay": 0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
     warmup = max(1, int(args.warmup * args.steps))
     ema, eval_s, kind_loss = None, 0.0, {}
@@ -418,7 +475,13 @@ def train(args, console: Console):
                 kind_loss[kind] = value if kind not in kind_loss else 0.95 * kind_loss[kind] + 0.05 * value
             if args.aux:
                 labels = torch.stack([patch_labels(s, side) for s in samples])
-                total = loss + args.aux * probe(projected.tokens, labels, cells)
+                total = total + args.aux * probe(projected.tokens, labels, cells)
+            if readout is not None:
+                located, counted = readout(batch["cells"], batch["counts"])
+                total = total + args.object_aux * located + args.count_aux * counted
+                for name, value in (("object cell", located), ("count read-out", counted)):
+                    kind_loss[name] = value.item() if name not in kind_loss else \
+                        0.95 * kind_loss[name] + 0.05 * value.item()
             opt.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -432,7 +495,7 @@ def train(args, console: Console):
                                        f"test accuracy ({args.eval_samples}) {acc:.1%}  "
                                        + "  ".join(f"{k} {v:.0%}" for k, v in kinds.items())
                                        + "; training loss per answer (all turns, </s> included) "
-                                       + "  ".join(f"{k} {kind_loss[k]:.2f}" for k in TURN_KINDS if k in kind_loss))
+                                       + "  ".join(f"{k} {v:.2f}" for k, v in kind_loss.items()))
                 eval_s += time.perf_counter() - tick
     train_s = time.perf_counter() - start - eval_s  # the optional progress evaluations do not count
     return spec, model.eval(), processor, params, train_s, ema
@@ -459,6 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vision-lr", type=float, default=3e-3, help="phase-1 peak learning rate")
     p.add_argument("--aux", type=float, default=0.5,
                    help="weight of the patch-label loss in phase 2 (default: %(default)s; 0 drops it)")
+    p.add_argument("--object-aux", type=float, default=0.0,
+                   help="weight of the object read-out loss: the cell of each object a question names, read at its "
+                        "shape word after text layer --object-layer (default: %(default)s; 0 drops it)")
+    p.add_argument("--count-aux", type=float, default=0.0,
+                   help="weight of the count read-out loss: a count question's answer, read at the counted word "
+                        "after text layer --object-layer (default: %(default)s; 0 drops it)")
+    p.add_argument("--object-layer", type=int, default=3, help="text layer the read-outs follow (1-based)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -504,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "batch": args.batch, "turns": args.turns, "curriculum": args.curriculum,
         "describe": not args.no_describe, "vision_steps": args.vision_steps, "vision_batch": args.vision_batch,
         "vision_lr": args.vision_lr, "aux": args.aux,
+        "object_aux": args.object_aux, "count_aux": args.count_aux, "object_layer": args.object_layer,
         "lr": args.lr, "warmup": args.warmup,
         "weight_decay": args.weight_decay, "seed": args.seed, "threads": args.threads,
         "parameters": params, "image_tokens": (spec.image_size // spec.patch_size) ** 2,

@@ -44,6 +44,35 @@ def test_labels_cover_only_the_answers_and_eos():
     assert torch.equal(row[: len(first)], first)
 
 
+def test_named_objects_carry_their_cell_and_counted_words_their_count():
+    _, model, processor = train_toy.build(0)
+    tok = processor.tokenizer
+    objects = (toy_task.Object(0, "square", "red", "large"), toy_task.Object(5, "circle", "blue", "small"),
+               toy_task.Object(7, "cross", "red", "small"))
+    sample = toy_task.Sample(toy_task.render(objects), "Is there a red square left of the blue circle?", "yes",
+                             "left_of", objects)
+    extra = [[("Where is the red cross?", "bottom middle"), ("How many red objects are there?", "two"),
+              ("How many triangles are there?", "zero"), (toy_task.DESCRIBE, toy_task.describe(objects))]]
+    batch = train_toy.encode_batch(processor, [sample], extra)
+    ids, cells, counts = batch["input_ids"][0], batch["cells"][0], batch["counts"][0]
+    named = (cells >= 0).nonzero().flatten().tolist()
+    # the shape words of the three named objects, in question order; not the description's words
+    assert [tok.decode([int(ids[t])]).strip() for t in named] == ["square", "circle", "cross"]
+    assert [int(cells[t]) for t in named] == [0, 5, 7]
+    counted = (counts >= 0).nonzero().flatten().tolist()
+    assert [tok.decode([int(ids[t])]).strip() for t in counted] == ["objects", "triangles"]
+    assert [int(counts[t]) for t in counted] == [2, 0]
+    readout = train_toy.QuestionReadout(model, 2)
+    model(**{k: v for k, v in batch.items() if k not in train_toy.TRAINING_KEYS})
+    located, count = readout(batch["cells"], batch["counts"])
+    (located + count).backward()
+    assert located.ndim == count.ndim == 0 and located.item() > 0 and count.item() > 0
+    assert readout.cell.weight.grad.abs().sum() > 0 and readout.count.weight.grad.abs().sum() > 0
+    # the gradient reaches the text layers up to the read-out's, not past it
+    layers = model.model.language_model.layers
+    assert layers[0].mlp.down_proj.weight.grad.abs().sum() > 0 and layers[2].mlp.down_proj.weight.grad is None
+
+
 def test_extra_turns_ask_other_questions_about_the_scene():
     sample = toy_task.make_sample("train", 5)
     turns = train_toy.extra_turns(sample, 7, random.Random(0))
