@@ -57,7 +57,7 @@ def conversation(processor, turns: list[tuple[str, str]]) -> str:
 
 
 TURN_KINDS = (*toy_task.KINDS, "describe")
-TRAINING_KEYS = ("labels", "weights", "kinds", "cells", "counts")  # encode_batch's targets, not model inputs
+TRAINING_KEYS = ("labels", "weights", "kinds", "cells", "colours", "counts")  # encode_batch's targets, not model inputs
 
 
 def encode_batch(processor, samples: list[toy_task.Sample],
@@ -67,7 +67,8 @@ def encode_batch(processor, samples: list[toy_task.Sample],
     the tokens after each 'ASSISTANT:' up to and including its `</s>`), weights [B, T] (1 / answer length on
     those tokens, 0 elsewhere), kinds [B, T] (the index in `TURN_KINDS` of the answer's question, -1 elsewhere),
     cells [B, T] (at the shape word of each object a question names by colour and shape, as in 'Where is the red
-    circle?' and both objects of a left-of question: that object's grid cell; -1 elsewhere), counts [B, T] (at
+    circle?' and both objects of a left-of question: that object's grid cell; -1 elsewhere), colours [B, T] (at
+    the same words: the index in `COLOUR_NAMES` of the colour named just before; -1 elsewhere), counts [B, T] (at
     the word a count question counts, 'circles' or 'objects' in 'How many red objects': the answer's number, 0 to
     3; -1 elsewhere)."""
     extra = extra or [[] for _ in samples]
@@ -81,6 +82,7 @@ def encode_batch(processor, samples: list[toy_task.Sample],
     weights = torch.zeros(ids.shape)
     kinds = torch.full_like(ids, -1)
     cells = torch.full_like(ids, -1)
+    colours = torch.full_like(ids, -1)
     counts = torch.full_like(ids, -1)
     colour_ids, shape_ids = word_ids(tok, COLOUR_NAMES), word_ids(tok, toy_task.SHAPES)
     plural_ids = word_ids(tok, [toy_task.PLURALS[shape] for shape in toy_task.SHAPES])
@@ -92,6 +94,7 @@ def encode_batch(processor, samples: list[toy_task.Sample],
             if seq[t - 1] in colour_ids and seq[t] in shape_ids:
                 key = (COLOUR_NAMES[colour_ids.index(seq[t - 1])], toy_task.SHAPES[shape_ids.index(seq[t])])
                 cells[row, t] = where.get(key, -1)
+                colours[row, t] = colour_ids.index(seq[t - 1])
             if seq[t - 1] == many and seq[t] in plural_ids:
                 shape = toy_task.SHAPES[plural_ids.index(seq[t])]
                 n = sum(o.shape == shape for o in samples[row].objects)
@@ -111,7 +114,7 @@ def encode_batch(processor, samples: list[toy_task.Sample],
                 kinds[row, start : t + 1] = TURN_KINDS.index(toy_task.kind_of(turns[row][turn][0]))
                 start, turn = None, turn + 1
     return {**batch, "labels": labels, "weights": weights, "kinds": kinds, "cells": cells,
-            "counts": counts}
+            "colours": colours, "counts": counts}
 
 
 def turn_loss(model, batch: dict[str, torch.Tensor], by_kind: dict[str, float] | None = None) -> torch.Tensor:
@@ -350,33 +353,46 @@ def lr_at(step: int, steps: int, warmup: int, peak: float, floor: float = 0.02) 
 
 
 class QuestionReadout(torch.nn.Module):
-    """Read-outs from the hidden states after text layer `layer` at the words a question is about: the grid cell
-    of each object it names by colour and shape (at the shape word) and, for a count question, the count (at
-    the counted word); `encode_batch`'s `cells` and `counts`. Auxiliary losses that train the look-up of an
-    object, and the count, where the question states them: a left-of question needs two look-ups and a
-    comparison, and trained on the answer alone its loss never left chance. Only used in training; it does not
-    ship with the model."""
+    """Read-outs from the text model's hidden states at the words a question is about (`encode_batch`'s targets):
+    after layer `layer`, the grid cell of each object the question names by colour and shape (at the shape word)
+    and, for a count question, the count (at the counted word); after layer `colour_layer`, at the same shape
+    words, the colour named just before, through the word embeddings as `PatchProbe` reads it. Auxiliary losses
+    that train the look-up of an object, and the count, where the question states them: a left-of question
+    needs two look-ups and a comparison, and trained on the answer alone its loss never left chance. The colour
+    read-out puts the colour word into the shape word's state in the form the image tokens show it, so that a
+    look-up matches colour and shape, not shape alone. Only used in training; none of it ships."""
 
-    def __init__(self, model, layer: int):
+    def __init__(self, model, tokenizer, layer: int, colour_layer: int = 1):
         super().__init__()
         hidden = model.config.text_config.hidden_size
         self.cell = torch.nn.Linear(hidden, toy_task.GRID * toy_task.GRID)
         self.count = torch.nn.Linear(hidden, len(toy_task.NUMBERS))
-        self.hidden = None
-        model.model.language_model.layers[layer - 1].register_forward_hook(self._keep)
+        self.embed = [model.get_input_embeddings()]  # a list: the text model's embedding, not the read-out's
+        self.colour_ids = word_ids(tokenizer, COLOUR_NAMES)
+        self.colour_scale = torch.nn.Parameter(torch.tensor(1.0))
+        self.hidden: dict[int, torch.Tensor] = {}
+        layers = model.model.language_model.layers
+        for at in {layer, colour_layer}:
+            layers[at - 1].register_forward_hook(lambda module, inputs, output, at=at: self._keep(at, output))
+        self.layer, self.colour_layer = layer, colour_layer
 
-    def _keep(self, module, inputs, output):
-        self.hidden = output[0] if isinstance(output, tuple) else output
+    def _keep(self, at: int, output):
+        self.hidden[at] = output[0] if isinstance(output, tuple) else output
 
-    def forward(self, cells: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cells, counts [B, T] (-1 where there is nothing to read) -> mean cross-entropy (scalars) of the cell
-        and count heads on the latest forward pass's hidden states [B, T, D] after the layer (0 when none)."""
-        losses = []
-        for head, target in ((self.cell, cells), (self.count, counts)):
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`encode_batch`'s cells, colours, counts [B, T] (-1 where there is nothing to read) -> the mean
+        cross-entropy (scalar; 0 when there is nothing to read) of each read-out, 'cell', 'colour' and 'count',
+        on the latest forward pass's hidden states [B, T, D]."""
+        words = self.embed[0].weight[self.colour_ids]
+        heads = {"cell": (self.layer, self.cell, "cells"), "count": (self.layer, self.count, "counts"),
+                 "colour": (self.colour_layer, lambda h: self.colour_scale * h @ words.T, "colours")}
+        losses = {}
+        for name, (at, head, key) in heads.items():
+            hidden, target = self.hidden[at], batch[key]
             mask = target >= 0
-            losses.append(torch.nn.functional.cross_entropy(head(self.hidden[mask]).float(), target[mask])
-                          if mask.any() else self.hidden.sum() * 0.0)
-        return losses[0], losses[1]
+            losses[name] = (torch.nn.functional.cross_entropy(head(hidden[mask]).float(), target[mask])
+                            if mask.any() else hidden.sum() * 0.0)
+        return losses
 
 
 class _Projected:
@@ -444,7 +460,8 @@ def train(args, console: Console):
     model.train()
     probe = PatchProbe(model.get_input_embeddings(), processor.tokenizer)
     projected = _Projected(model)
-    readout = QuestionReadout(model, args.object_layer) if args.object_aux or args.count_aux else None
+    readout = (QuestionReadout(model, processor.tokenizer, args.object_layer, args.colour_layer)
+               if args.object_aux or args.count_aux or args.colour_aux else None)
     cells = patch_cells(side, spec.image_size)
     stream = toy_task.iter_split("train")
     rng = random.Random(f"btp-train-toy:{args.seed}")
@@ -477,9 +494,11 @@ def train(args, console: Console):
                 labels = torch.stack([patch_labels(s, side) for s in samples])
                 total = total + args.aux * probe(projected.tokens, labels, cells)
             if readout is not None:
-                located, counted = readout(batch["cells"], batch["counts"])
-                total = total + args.object_aux * located + args.count_aux * counted
-                for name, value in (("object cell", located), ("count read-out", counted)):
+                read = readout(batch)
+                total = total + args.object_aux * read["cell"] + args.count_aux * read["count"] \
+                    + args.colour_aux * read["colour"]
+                for name, value in read.items():
+                    name = f"{name} read-out"
                     kind_loss[name] = value.item() if name not in kind_loss else \
                         0.95 * kind_loss[name] + 0.05 * value.item()
             opt.zero_grad(set_to_none=True)
@@ -528,7 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count-aux", type=float, default=0.0,
                    help="weight of the count read-out loss: a count question's answer, read at the counted word "
                         "after text layer --object-layer (default: %(default)s; 0 drops it)")
-    p.add_argument("--object-layer", type=int, default=3, help="text layer the read-outs follow (1-based)")
+    p.add_argument("--colour-aux", type=float, default=0.0,
+                   help="weight of the colour read-out loss: at the shape word of a named object, the colour word "
+                        "before it, after text layer --colour-layer (default: %(default)s; 0 drops it)")
+    p.add_argument("--object-layer", type=int, default=3,
+                   help="text layer the cell and count read-outs follow (1-based, default: %(default)s)")
+    p.add_argument("--colour-layer", type=int, default=1,
+                   help="text layer the colour read-out follows (1-based, default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -548,6 +573,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.vision_steps < 0 or args.aux < 0:
         Console(stderr=True).print(f"error: --vision-steps and --aux must be >= 0, got {args.vision_steps} and "
                                    f"{args.aux}")
+        return 2
+    weights = {"--object-aux": args.object_aux, "--count-aux": args.count_aux, "--colour-aux": args.colour_aux}
+    if bad := {k: v for k, v in weights.items() if v < 0}:
+        Console(stderr=True).print(f"error: read-out weights must be >= 0, got {bad}")
+        return 2
+    from btp.compiler.builtins import BUILTINS
+
+    layers = BUILTINS[BUILTIN].layers
+    if not (1 <= args.object_layer <= layers and 1 <= args.colour_layer <= layers):
+        Console(stderr=True).print(f"error: --object-layer and --colour-layer name a text layer, 1 to {layers}; got "
+                                   f"{args.object_layer} and {args.colour_layer}")
         return 2
     if args.test_samples > toy_task.TEST_SIZE or args.eval_samples > toy_task.TEST_SIZE:
         Console(stderr=True).print(f"error: the test split has {toy_task.TEST_SIZE} samples")
@@ -574,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "batch": args.batch, "turns": args.turns, "curriculum": args.curriculum,
         "describe": not args.no_describe, "vision_steps": args.vision_steps, "vision_batch": args.vision_batch,
         "vision_lr": args.vision_lr, "aux": args.aux,
-        "object_aux": args.object_aux, "count_aux": args.count_aux, "object_layer": args.object_layer,
+        "object_aux": args.object_aux, "count_aux": args.count_aux, "colour_aux": args.colour_aux,
+        "object_layer": args.object_layer, "colour_layer": args.colour_layer,
         "lr": args.lr, "warmup": args.warmup,
         "weight_decay": args.weight_decay, "seed": args.seed, "threads": args.threads,
         "parameters": params, "image_tokens": (spec.image_size // spec.patch_size) ** 2,

@@ -62,15 +62,19 @@ def test_named_objects_carry_their_cell_and_counted_words_their_count():
     counted = (counts >= 0).nonzero().flatten().tolist()
     assert [tok.decode([int(ids[t])]).strip() for t in counted] == ["objects", "triangles"]
     assert [int(counts[t]) for t in counted] == [2, 0]
-    readout = train_toy.QuestionReadout(model, 2)
+    colours = [train_toy.COLOUR_NAMES[int(batch["colours"][0, t])] for t in named]
+    assert colours == ["red", "blue", "red"] and torch.equal(batch["colours"][0] >= 0, cells >= 0)
+    readout = train_toy.QuestionReadout(model, tok, 3, colour_layer=1)
     model(**{k: v for k, v in batch.items() if k not in train_toy.TRAINING_KEYS})
-    located, count = readout(batch["cells"], batch["counts"])
-    (located + count).backward()
-    assert located.ndim == count.ndim == 0 and located.item() > 0 and count.item() > 0
+    read = readout(batch)
+    assert set(read) == {"cell", "count", "colour"} and all(v.ndim == 0 and v.item() > 0 for v in read.values())
+    sum(read.values()).backward()
     assert readout.cell.weight.grad.abs().sum() > 0 and readout.count.weight.grad.abs().sum() > 0
-    # the gradient reaches the text layers up to the read-out's, not past it
+    assert readout.colour_scale.grad != 0  # the colour head: the state's product with the colour words' embeddings
+    assert not any(p is model.get_input_embeddings().weight for p in readout.parameters())
+    # the gradient reaches the text layers up to the read-outs', not past them
     layers = model.model.language_model.layers
-    assert layers[0].mlp.down_proj.weight.grad.abs().sum() > 0 and layers[2].mlp.down_proj.weight.grad is None
+    assert layers[2].mlp.down_proj.weight.grad.abs().sum() > 0 and layers[3].mlp.down_proj.weight.grad is None
 
 
 def test_extra_turns_ask_other_questions_about_the_scene():
@@ -212,3 +216,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert train_toy.main(["--out", str(tmp_path), "--test-samples", "501"]) == 2
     assert train_toy.main(["--out", str(tmp_path), "--vision-steps", "-1"]) == 2
     assert "500 samples" in capsys.readouterr().err
+    assert train_toy.main(["--out", str(tmp_path), "--object-layer", "7"]) == 2
+    assert "1 to 6; got 7 and 1" in capsys.readouterr().err
+    assert train_toy.main(["--out", str(tmp_path), "--count-aux", "-1"]) == 2
+    assert "'--count-aux': -1.0" in capsys.readouterr().err
