@@ -10,10 +10,15 @@ Two phases, seeded and deterministic for a given thread count:
    find the image tokens that look like them.
 2. Everything: next-token loss on the answers only (prompt: the LLaVA-1.5 chat template around the
    question; target: the answer and `</s>`), several chat turns about each image with the question kinds
-   balanced, plus `--aux` times the probe's loss. AdamW with a linear warm-up and a cosine decay.
+   balanced, plus `--aux` times the probe's loss, plus read-outs of the text model's hidden states at the
+   words a question is about (`QuestionReadout`): after layer 1, at the shape word of each object named by
+   colour and shape, the colour word before it (`--colour-aux`); after `--object-layer`, the object's grid cell
+   (`--object-aux`) and, at the counted word of a count question, the count (`--count-aux`). AdamW with a
+   linear warm-up and a cosine decay.
 
 At the end: exact-match accuracy of greedy `generate` on the fixed test split, per question kind, then
-model and processor saved (safetensors) with a `training.json` of the run. The probe does not ship.
+model and processor saved (safetensors) with a `training.json` of the run. The probe and the read-outs do
+not ship.
 """
 
 from __future__ import annotations
@@ -448,7 +453,8 @@ def warm_up_vision(model, processor, probe: PatchProbe, projected: _Projected, s
 
 
 def train(args, console: Console):
-    """Both phases: `warm_up_vision`, then everything on the answers' loss plus `args.aux` times the probe's."""
+    """Both phases: `warm_up_vision`, then everything on the answers' loss plus `args.aux` times the probe's and
+    the `QuestionReadout` losses times their weights."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
@@ -541,13 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vision-lr", type=float, default=3e-3, help="phase-1 peak learning rate")
     p.add_argument("--aux", type=float, default=0.5,
                    help="weight of the patch-label loss in phase 2 (default: %(default)s; 0 drops it)")
-    p.add_argument("--object-aux", type=float, default=0.0,
+    p.add_argument("--object-aux", type=float, default=0.5,
                    help="weight of the object read-out loss: the cell of each object a question names, read at its "
                         "shape word after text layer --object-layer (default: %(default)s; 0 drops it)")
-    p.add_argument("--count-aux", type=float, default=0.0,
+    p.add_argument("--count-aux", type=float, default=0.25,
                    help="weight of the count read-out loss: a count question's answer, read at the counted word "
                         "after text layer --object-layer (default: %(default)s; 0 drops it)")
-    p.add_argument("--colour-aux", type=float, default=0.0,
+    p.add_argument("--colour-aux", type=float, default=0.5,
                    help="weight of the colour read-out loss: at the shape word of a named object, the colour word "
                         "before it, after text layer --colour-layer (default: %(default)s; 0 drops it)")
     p.add_argument("--object-layer", type=int, default=3,
