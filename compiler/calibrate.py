@@ -174,7 +174,35 @@ def _keeps_for_target(n0: int, layers: list[int], depth: int, kwargs: dict) -> l
 
 
 def rule_genome(profile: Profile, stages: int = 4, lambda_start: float = 0.6) -> Genome:
+    """The paper's rule: boundaries from the drift profile (`boundaries_from_drift`), ratio 0.5."""
+    depth = len(profile.drift)
+    if not 1 <= stages <= depth - 1:
+        raise PlanError(f"--stages must be 1 to {depth - 1} on a model with {depth} layers (a stage's first "
+                        f"layer is 1 to {depth - 1}), got {stages}")
     return Genome(tuple(boundaries_from_drift(profile.drift, stages)), 0.5, lambda_start)
+
+
+def reachable_start(model, genome: Genome, target: Target, text_tokens: int, floor: int = 0) -> Genome:
+    """`genome` when its plan meets `target`; else the same boundaries moved 1, 2, ... layers earlier (each
+    stage's first layer at least its 1-based stage number) until one does. On a shallow model the rule's cuts
+    can come too late for a low target: on 6 layers a 22% layer average needs the first cut at layer 1.
+    PlanError (the original genome's) when not even the earliest boundaries reach it."""
+    try:
+        plan_from(model, genome, target, text_tokens, floor)
+        return genome
+    except PlanError as err:
+        first = err
+    layers = genome.layers
+    for d in range(1, max(genome.layers)):
+        layers = tuple(max(i + 1, b - d) for i, b in enumerate(genome.layers))
+        moved = Genome(layers, genome.ratio, genome.lambda_start)
+        try:
+            plan_from(model, moved, target, text_tokens, floor)
+            return moved
+        except PlanError:
+            if layers == tuple(range(1, len(layers) + 1)):
+                break
+    raise PlanError(f"{first}; moved back as far as {list(layers)} the boundaries still cannot reach it") from first
 
 
 # ------------------------------------------------------------------------------------------------ distortion

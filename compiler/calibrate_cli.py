@@ -22,6 +22,7 @@ from .calibrate import (
     collect_profile,
     distortion,
     plan_from,
+    reachable_start,
     reference_outputs,
     rule_genome,
     search,
@@ -80,6 +81,16 @@ def main(argv: list[str] | None = None) -> int:
                                       lambda d, t: bar.update(task, completed=d))
         text = round(profile.text_tokens)
         start = rule_genome(profile, args.stages, args.lambda_start)
+        if args.method == "search":
+            # The search may move the boundaries; when the rule's are too late for the target, it starts from
+            # the nearest earlier ones that reach it (the rule's plan is then not made).
+            moved = reachable_start(model, start, target, text, floor)
+            if moved != start:
+                console.print(f"the rule's boundaries {list(start.layers)} cannot reach {target.describe()}; "
+                              f"the search starts from {list(moved.layers)}")
+            origin, start = ("rule", start) if moved == start else ("start", moved)
+        else:
+            origin = "rule"
         rule = plan_from(model, start, target, text, floor)
         with _bar(console) as bar:
             task = bar.add_task("reference outputs", total=2)
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(task, advance=1)
             ref_held = reference_outputs(model, held, args.batch_size) if held else None
             bar.update(task, advance=1)
-        report = {"rule": _report(model, rule, cal, held, ref_cal, ref_held, args.batch_size)}
+        report = {origin: _report(model, rule, cal, held, ref_cal, ref_held, args.batch_size)}
         chosen = rule
         if args.method == "search":
             # Without an explicit target the search keeps the rule's layer-averaged tokens: fewer distortion
@@ -112,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.save(args.out)
         _print(console, model, plan, rule, report, text, target)
         if args.plot:
-            plot_profile(profile, plan, rule, args.plot)
+            plot_profile(profile, plan, rule, args.plot, "rule's plan" if origin == "rule" else "search start")
             console.print(f"wrote {args.plot}")
         console.print(f"wrote {args.out}")
         return 0
@@ -151,8 +162,9 @@ def _print(console, model, plan: Plan, rule: Plan, report: dict, text: int, targ
     console.print(dist)
 
 
-def plot_profile(profile: Profile, plan: Plan, rule: Plan, path: str | Path) -> Path:
-    """Drift and attention per layer with the boundaries and the token schedule drawn over them."""
+def plot_profile(profile: Profile, plan: Plan, rule: Plan, path: str | Path, baseline: str = "rule's plan") -> Path:
+    """Drift and attention per layer with the boundaries and the token schedule drawn over them; `rule` (named
+    `baseline` in the legend) drawn too where it differs from `plan`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,7 +184,7 @@ def plot_profile(profile: Profile, plan: Plan, rule: Plan, path: str | Path) -> 
     top.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=8)
     bottom.step(layers, plan.layer_tokens(), where="mid", color="black", label="chosen plan")
     if rule.stages != plan.stages:
-        bottom.step(layers, rule.layer_tokens(), where="mid", color="gray", ls=":", label="rule's plan")
+        bottom.step(layers, rule.layer_tokens(), where="mid", color="gray", ls=":", label=baseline)
     bottom.set_ylabel("image tokens alive")
     bottom.set_xlabel("decoder layer (0-based)")
     bottom.legend(fontsize=8)

@@ -79,7 +79,10 @@ def boundaries_from_drift(drift: Sequence[float], stages: int = 4) -> list[int]:
     middle spans with ceil/floor of (stages-2)/2 evenly spaced cuts (one stage: `[die]`). A cut strictly inside a
     shift moves to its end+1 or its start, whichever is nearer (ties: end+1; start when end+1 is past L-1).
     Then cuts are made strictly increasing in [1, L-1] by bumping forward; a bump landing inside a shift skips
-    to its end+1 when that is in range; ValueError when they do not fit. A flat profile (M <= 0 or
+    to its end+1 when that is in range. When cuts are bumped past L-1 (a shift in the last layers of a shallow
+    model, as on a 6-layer model whose only shift is its last layer), all cuts are packed back from L-1 onto
+    the latest free layers at or before each, layers strictly inside a shift left out while enough others
+    remain (else they are used too); ValueError only when L-1 < stages. A flat profile (M <= 0 or
     max-min <= 0.05*M) has no shift: anchors at depth 6/32 and 22/32 (4 stages: 3, 6, 14, 22 of 32).
     Rounding is half up; the result depends only on `drift` and `stages`.
     """
@@ -114,10 +117,13 @@ def boundaries_from_drift(drift: Sequence[float], stages: int = 4) -> list[int]:
         run = inside(b)
         if run is not None and run[1] + 1 <= n - 1:
             b = run[1] + 1
-        if b > n - 1:
-            raise ValueError(f"boundaries_from_drift: {stages} boundaries do not fit in [1, {n - 1}] "
-                             f"around the shifts {runs}")
         out.append(b)
+    if out[-1] > n - 1:  # pack back from the last layer, on layers outside the shifts while there are enough
+        free = [b for b in range(1, n) if inside(b) is None]
+        slots = free if len(free) >= stages else list(range(1, n))  # n - 1 >= stages: this always fits
+        for i in reversed(range(len(out))):
+            limit = min(out[i], n - 1 if i == len(out) - 1 else out[i + 1] - 1)
+            out[i] = max(b for b in slots if b <= limit)
     return out
 
 

@@ -82,11 +82,25 @@ def _plan_jobs(model, plans: list[str], budgets: list[float] | None, calibrate: 
     return jobs
 
 
+def model_key(model) -> str:
+    """The cache key of a model's plans and artifacts: its config fingerprint and a digest of its weights. The
+    fingerprint alone names the architecture, which a retrained model shares with its predecessor; accuracy
+    and calibration depend on the weights."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.hf.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{model.fingerprint[:16]}-{h.hexdigest()[:12]}"
+
+
 def _calibrated(model, method: str, share: float, cache: Path, samples: int, log) -> dict:
     """A `btp-calibrate --method METHOD --retention SHARE` plan from the train split, cached.
 
     The paper's four stages first; on a shallow model, where four stages after layer 1 cannot get down to
-    SHARE, three, two and then one stage. Skipped, with btp-calibrate's own error line, when none can."""
+    SHARE, three, two and then one stage. Skipped, with btp-calibrate's error line for the most stages, when none
+    can."""
     from btp.compiler.calibrate_cli import main as calibrate
     from btp.compiler.plan import Plan
 
@@ -94,7 +108,7 @@ def _calibrated(model, method: str, share: float, cache: Path, samples: int, log
     data = None
     error = ""
     for stages in (4, 3, 2, 1):
-        out = cache / f"{model.fingerprint[:16]}-{label}-s{stages}-n{samples}.plan.json"
+        out = cache / f"{model_key(model)}-{label}-s{stages}-n{samples}.plan.json"
         if not out.is_file():
             if stages >= model.num_layers:
                 continue
@@ -106,7 +120,7 @@ def _calibrated(model, method: str, share: float, cache: Path, samples: int, log
                                   str(share), "--method", method, "--stages", str(stages), "-o", str(out)])
             if code != 0:
                 lines = [x for x in err.getvalue().splitlines() if "error" in x]
-                error = lines[-1] if lines else f"btp-calibrate exited {code}"
+                error = error or (lines[-1] if lines else f"btp-calibrate exited {code}")  # the most stages' error
                 continue
         return {"plan": label, "method": f"calibrated-{method}", "budget": share, "calibrated_stages": stages,
                 "spec": Plan.load(out)}
@@ -119,7 +133,7 @@ def _artifact(model, plan, cache: Path, batch: int, log) -> Path:
     from btp.compiler.export import Limits
 
     digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:10]
-    out = cache / f"{model.fingerprint[:16]}-b{batch}-{digest}"
+    out = cache / f"{model_key(model)}-b{batch}-{digest}"
     if (out / "manifest.json").is_file():
         return out
     cache.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,18 @@ import pytest
 from PIL import Image
 
 from btp.compiler import Plan, calibrate_cli
-from btp.compiler.calibrate import Genome, Target, collect_profile, distortion, plan_from, reference_outputs, search
+from btp.compiler.calibrate import (
+    Genome,
+    Profile,
+    Target,
+    collect_profile,
+    distortion,
+    plan_from,
+    reachable_start,
+    reference_outputs,
+    rule_genome,
+    search,
+)
 from btp.compiler.calibration_data import builtin_samples, split
 
 
@@ -65,6 +76,30 @@ def test_unreachable_target_is_a_plan_error(tiny, profile):
         plan_from(tiny, Genome((1, 2, 3, 5)), Target(tokens=63.9), round(profile.text_tokens))
 
 
+def test_late_boundaries_move_earlier_until_the_target_is_reachable(tiny, profile):
+    """On a shallow model the rule's cuts can come too late for a low target; the search starts from the same
+    boundaries moved back just far enough."""
+    from btp.runtime.errors import PlanError
+
+    text = round(profile.text_tokens)
+    late = Genome((4, 5, 6, 7))
+    target = Target(retention=0.25)  # 16 of 64 tokens: a first cut at layer 4 keeps at least 4 * 64 / 8 = 32
+    with pytest.raises(PlanError, match="out of reach"):
+        plan_from(tiny, late, target, text)
+    moved = reachable_start(tiny, late, target, text)
+    assert moved.layers[0] < 4 and all(b - a == 1 for a, b in zip(moved.layers, moved.layers[1:]))
+    assert abs(plan_from(tiny, moved, target, text).average_image_tokens() - 16) <= 0.02 * 16
+    # one layer less moved would not reach it
+    back = moved.layers[0] + 1
+    with pytest.raises(PlanError):
+        plan_from(tiny, Genome(tuple(range(back, back + 4))), target, text)
+    assert reachable_start(tiny, Genome((1, 2, 3, 5)), target, text) == Genome((1, 2, 3, 5))  # reachable: kept
+    with pytest.raises(PlanError, match=r"boundaries \[4, 5, 6, 7\].*moved back as far as \[1, 2, 3, 4\]"):
+        reachable_start(tiny, late, Target(tokens=4.0), text)  # layer 0 alone averages 8
+    with pytest.raises(PlanError, match="--stages must be 1 to 7 on a model with 8 layers"):
+        rule_genome(Profile(drift=[0.0] * 8, attention=[0.1] * 8, samples=1, tau=0.9, text_tokens=5.0), 8)
+
+
 def test_cli_writes_a_plan_and_plot_that_compile_and_run(tmp_path, capsys):
     from btp.compiler.build import BuildConfig, compile_artifact
     from btp.compiler.export import Limits
@@ -97,6 +132,7 @@ def test_cli_writes_a_plan_and_plot_that_compile_and_run(tmp_path, capsys):
         (["--data", "{badjson}"], "prompts.jsonl:1"),
         (["--data", "builtin", "--tau", "1.5"], "--tau must be in (0, 1)"),
         (["--data", "builtin", "--retention", "1.7"], "--retention must be a fraction"),
+        (["--data", "builtin", "--stages", "40"], "--stages must be 1 to 7 on a model with 8 layers"),
     ],
 )
 def test_bad_calibration_input_exits_2_with_one_line(tmp_path, capsys, args, message):

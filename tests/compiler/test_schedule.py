@@ -123,6 +123,15 @@ def test_other_stage_counts():
         boundaries_from_drift(d, 0)
 
 
+def test_shift_in_the_last_layer_packs_the_cuts_back():
+    """The trained 6-layer toy-vlm: its image tokens drift (cosine < 0.93) in the last layer only."""
+    d = [0.0, 0.0, 1.0, 0.3, 0.6, 3.1]
+    assert major_shifts(d) == [(5, 5)]
+    assert check_boundaries(d) == [2, 3, 4, 5]  # the rule's 3, 5, 5, 5 bumped past layer 5, then packed back
+    assert check_boundaries(d, 2) == [4, 5] and check_boundaries(d, 1) == [5]
+    assert check_boundaries(d, 5) == [1, 2, 3, 4, 5]
+
+
 def test_shift_at_the_very_start_is_skipped():
     d = [100.0] * 4 + [0.0] * 12
     runs = major_shifts(d)
@@ -135,14 +144,11 @@ def test_shift_at_the_very_start_is_skipped():
 @given(st.lists(st.integers(0, 100), min_size=6, max_size=48), st.integers(1, 5))
 def test_boundaries_properties(values, stages):
     drift = [float(v) for v in values]
-    try:
-        out = check_boundaries(drift, stages)
-    except ValueError as err:
-        assert "\n" not in str(err)
-        return
+    out = check_boundaries(drift, stages)  # at least 6 layers hold 5 cuts: the rule always places them
     runs = major_shifts(drift)
     flat = max(drift) <= 0 or max(drift) - min(drift) <= 0.05 * max(drift)
-    if not flat and all(e + 1 <= len(drift) - 1 for _, e in runs):
+    free = [b for b in range(1, len(drift)) if not strictly_inside(b, runs)]
+    if not flat and all(e + 1 <= len(drift) - 1 for _, e in runs) and len(free) >= stages:
         assert not any(strictly_inside(b, runs) for b in out), (out, runs)
 
 

@@ -68,6 +68,20 @@ def test_calibrated_plans_fall_back_to_fewer_stages_and_say_why_not(briefly_trai
     assert "8.91" in skipped["skipped"]
 
 
+def test_cache_key_follows_the_weights_not_only_the_config(briefly_trained):
+    """A retrained model shares its predecessor's config fingerprint; its cached plans and artifacts must not."""
+    import torch
+
+    from btp.compiler import load_model
+
+    model = load_model(str(briefly_trained))
+    key = bench_quality.model_key(model)
+    assert key.startswith(model.fingerprint[:16]) and key == bench_quality.model_key(load_model(str(briefly_trained)))
+    with torch.no_grad():
+        model.hf.lm_head.weight[0, 0] += 1e-3
+    assert bench_quality.model_key(model) != key and model.fingerprint.startswith(key[:16])
+
+
 def test_calibration_set_is_readable_by_btp_calibrate(tmp_path):
     from btp.compiler.calibration_data import load_samples
 
