@@ -94,7 +94,8 @@ def encode_batch(processor, samples: list[toy_task.Sample],
     many, objects_id = word_ids(tok, ["many", "objects"])
     for row in range(ids.shape[0]):
         seq = ids[row].tolist()
-        where = {(o.colour, o.shape): o.cell for o in samples[row].objects}
+        pairs = Counter((o.colour, o.shape) for o in samples[row].objects)
+        where = {(o.colour, o.shape): o.cell for o in samples[row].objects if pairs[(o.colour, o.shape)] == 1}
         for t in range(1, len(seq)):
             if seq[t - 1] in colour_ids and seq[t] in shape_ids:
                 key = (COLOUR_NAMES[colour_ids.index(seq[t - 1])], toy_task.SHAPES[shape_ids.index(seq[t])])

@@ -64,6 +64,10 @@ def test_named_objects_carry_their_cell_and_counted_words_their_count():
     assert [int(counts[t]) for t in counted] == [2, 0]
     colours = [train_toy.COLOUR_NAMES[int(batch["colours"][0, t])] for t in named]
     assert colours == ["red", "blue", "red"] and torch.equal(batch["colours"][0] >= 0, cells >= 0)
+    # an object the scene holds twice has no one cell to read
+    twice = objects + (toy_task.Object(8, "circle", "blue", "large"),)
+    again = toy_task.Sample(toy_task.render(twice), "Where is the blue circle?", "", "where", twice)
+    assert (train_toy.encode_batch(processor, [again])["cells"] < 0).all()
     readout = train_toy.QuestionReadout(model, tok, 3, colour_layer=1)
     model(**{k: v for k, v in batch.items() if k not in train_toy.TRAINING_KEYS})
     read = readout(batch)
