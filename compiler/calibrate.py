@@ -151,7 +151,7 @@ def plan_from(model, genome: Genome, target: Target, text_tokens: int, floor: in
         dicts = stage_recipes(keeps, layers, n0, info.grid[0] == info.grid[1], lambda_start=genome.lambda_start)
     except ValueError as err:
         raise PlanError(f"target {target.describe()} is out of reach with boundaries {layers} at any budget ratio "
-                        f"0.05..0.95 ({err})") from err
+                        f"0.05..0.95 (at ratio {genome.ratio:g}: {err})") from err
     return Plan(format=FORMAT, model=info, score="logits", stages=tuple(Stage(**d) for d in dicts),
                 calibration=calibration)
 
