@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                       lambda d, t: bar.update(task, completed=d))
         text = round(profile.text_tokens)
         start = rule_genome(profile, args.stages, args.lambda_start)
+        origin = "rule"
         if args.method == "search":
             # The search may move the boundaries; when the rule's are too late for the target, it starts from
             # the nearest earlier ones that reach it (the rule's plan is then not made).
@@ -88,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             if moved != start:
                 console.print(f"the rule's boundaries {list(start.layers)} cannot reach {target.describe()}; "
                               f"the search starts from {list(moved.layers)}")
-            origin, start = ("rule", start) if moved == start else ("start", moved)
-        else:
-            origin = "rule"
+                origin, start = "start", moved
         rule = plan_from(model, start, target, text, floor)
         with _bar(console) as bar:
             task = bar.add_task("reference outputs", total=2)

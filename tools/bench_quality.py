@@ -50,7 +50,7 @@ def write_calibration_set(out: Path, n: int) -> Path:
     return out
 
 
-def _plan_jobs(model, plans: list[str], budgets: list[float] | None, calibrate: list[str], cache: Path,
+def _plan_jobs(model, key: str, plans: list[str], budgets: list[float] | None, calibrate: list[str], cache: Path,
                calibration_samples: int, log) -> list[dict]:
     """(label, method, budget, Plan or the reason it has none) for every row of the table."""
     from btp.compiler import model_info, resolve_plan
@@ -78,7 +78,7 @@ def _plan_jobs(model, plans: list[str], budgets: list[float] | None, calibrate: 
             jobs.append({"plan": Path(name).stem, "method": "file", "budget": None, "spec": plan})
     for method in calibrate:
         for share in budgets or []:
-            jobs.append(_calibrated(model, method, share, cache, calibration_samples, log))
+            jobs.append(_calibrated(model, key, method, share, cache, calibration_samples, log))
     return jobs
 
 
@@ -95,7 +95,7 @@ def model_key(model) -> str:
     return f"{model.fingerprint[:16]}-{h.hexdigest()[:12]}"
 
 
-def _calibrated(model, method: str, share: float, cache: Path, samples: int, log) -> dict:
+def _calibrated(model, key: str, method: str, share: float, cache: Path, samples: int, log) -> dict:
     """A `btp-calibrate --method METHOD --retention SHARE` plan from the train split, cached.
 
     The paper's four stages first; on a shallow model, where four stages after layer 1 cannot get down to
@@ -108,7 +108,7 @@ def _calibrated(model, method: str, share: float, cache: Path, samples: int, log
     data = None
     error = ""
     for stages in (4, 3, 2, 1):
-        out = cache / f"{model_key(model)}-{label}-s{stages}-n{samples}.plan.json"
+        out = cache / f"{key}-{label}-s{stages}-n{samples}.plan.json"
         if not out.is_file():
             if stages >= model.num_layers:
                 continue
@@ -128,12 +128,12 @@ def _calibrated(model, method: str, share: float, cache: Path, samples: int, log
             "skipped": f"out of reach with 4 to 1 stages: {error}"}
 
 
-def _artifact(model, plan, cache: Path, batch: int, log) -> Path:
+def _artifact(model, key: str, plan, cache: Path, batch: int, log) -> Path:
     from btp.compiler.build import BuildConfig, compile_artifact
     from btp.compiler.export import Limits
 
     digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:10]
-    out = cache / f"{model_key(model)}-b{batch}-{digest}"
+    out = cache / f"{key}-b{batch}-{digest}"
     if (out / "manifest.json").is_file():
         return out
     cache.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,8 @@ def quality(model_name: str, plans: list[str], budgets: list[float] | None = Non
     model = load_model(model_name)
     cache = Path(cache)
     test = toy_task.make_split("test", samples)
-    jobs = _plan_jobs(model, plans, budgets, list(calibrate), cache, calibration_samples, log)
+    key = model_key(model)  # once: it hashes every weight
+    jobs = _plan_jobs(model, key, plans, budgets, list(calibrate), cache, calibration_samples, log)
     none = resolve_plan("none", model)
     d, m = model.hidden_size, model.intermediate_size
     rows = []
@@ -182,7 +183,7 @@ def quality(model_name: str, plans: list[str], budgets: list[float] | None = Non
             rows.append(row)
             continue
         plan = job["spec"]
-        pipe = Pipeline.load(_artifact(model, plan, cache, batch, log))
+        pipe = Pipeline.load(_artifact(model, key, plan, cache, batch, log))
         text = statistics.mean(len(pipe.prepare([s.image], [s.question]).input_ids[0]) for s in test[:8])
         text -= model.image_tokens
         t0 = time.perf_counter()

@@ -495,8 +495,6 @@ def train(args, console: Console):
                 group["lr"] = lr
             seen: dict[str, float] | None = {} if args.eval_every else None  # only the progress reports read it
             loss = total = turn_loss(model, batch, seen)
-            for kind, value in (seen or {}).items():  # running means of the loss of each kind, for the progress reports
-                kind_loss[kind] = value if kind not in kind_loss else 0.95 * kind_loss[kind] + 0.05 * value
             if args.aux:
                 labels = torch.stack([patch_labels(s, side) for s in samples])
                 total = total + args.aux * probe(projected.tokens, labels, cells)
@@ -504,10 +502,10 @@ def train(args, console: Console):
                 read = readout(batch)
                 total = total + args.object_aux * read["cell"] + args.count_aux * read["count"] \
                     + args.colour_aux * read["colour"]
-                for name, value in read.items():
-                    name = f"{name} read-out"
-                    kind_loss[name] = value.item() if name not in kind_loss else \
-                        0.95 * kind_loss[name] + 0.05 * value.item()
+                if seen is not None:
+                    seen.update({f"{name} read-out": value.item() for name, value in read.items()})
+            for kind, value in (seen or {}).items():  # running means for the progress reports
+                kind_loss[kind] = value if kind not in kind_loss else 0.95 * kind_loss[kind] + 0.05 * value
             opt.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -577,13 +575,10 @@ def main(argv: list[str] | None = None) -> int:
         Console(stderr=True).print("error: --steps, --batch, --turns, --threads, --test-samples and --vision-batch "
                                    "must be >= 1")
         return 2
-    if args.vision_steps < 0 or args.aux < 0:
-        Console(stderr=True).print(f"error: --vision-steps and --aux must be >= 0, got {args.vision_steps} and "
-                                   f"{args.aux}")
-        return 2
-    weights = {"--object-aux": args.object_aux, "--count-aux": args.count_aux, "--colour-aux": args.colour_aux}
-    if bad := {k: v for k, v in weights.items() if v < 0}:
-        Console(stderr=True).print(f"error: read-out weights must be >= 0, got {bad}")
+    counts = {"--vision-steps": args.vision_steps, "--aux": args.aux, "--object-aux": args.object_aux,
+              "--count-aux": args.count_aux, "--colour-aux": args.colour_aux}
+    if bad := {k: v for k, v in counts.items() if v < 0}:
+        Console(stderr=True).print(f"error: {', '.join(counts)} must be >= 0, got {bad}")
         return 2
     from btp.compiler.builtins import BUILTINS
 
