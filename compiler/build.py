@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from btp.runtime.dependencies import require
 from btp.runtime.errors import BtpError
 from btp.runtime.manifest import ARTIFACT_FORMAT, MANIFEST, BuildOptions, GraphInfo, Manifest, TensorInfo, file_table
 from btp.runtime.tensorrt_backend import tensorrt_version
@@ -69,9 +70,8 @@ def resolve_backend(backend: str) -> str:
         raise BuildError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
         return "tensorrt" if tensorrt_available() else "onnxruntime"
-    if backend == "tensorrt" and not tensorrt_available():
-        raise BuildError("--backend tensorrt: the tensorrt package is not importable here; install the gpu extra "
-                         "or use --backend onnxruntime")
+    if backend == "tensorrt":
+        require("tensorrt")  # DependencyError: names the extra that installs it
     return backend
 
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from btp.runtime.cli import run_main
+from btp.runtime.dependencies import require
 
 from .build import BACKENDS, BuildConfig, compile_artifact
 from .export import Limits
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def body() -> int:
+        if args.check:
+            require("onnxruntime")  # before the build: the check runs the graphs with ONNX Runtime
         t0 = time.perf_counter()
         status = console.status("loading the model")
         status.start()

@@ -19,3 +19,7 @@ class ArtifactError(BtpError):
 
 class InputError(BtpError):
     """An image or prompt the model cannot take."""
+
+
+class DependencyError(BtpError):
+    """An optional package (a backend) or a device that the request needs is not available here."""

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from .chain import ChainSpec
+from .dependencies import require, require_device
 from .errors import ArtifactError
 from .manifest import read_manifest
 from .onnxruntime_backend import OrtEngine, SessionOptions
@@ -46,8 +47,10 @@ def _use_tensorrt(backend: str, manifest, root: Path) -> bool:
 
     available = bool(manifest.engines) and tensorrt_version() is not None
     if backend == "tensorrt" and not available:
-        why = "it has no engines" if not manifest.engines else "tensorrt is not importable here"
-        raise ArtifactError(f"{root}: cannot run with backend tensorrt: {why}")
+        if not manifest.engines:
+            raise ArtifactError(f"{root}: cannot run with backend tensorrt: it has no engines "
+                                "(built with --backend onnxruntime)")
+        require("tensorrt")  # raises DependencyError naming the extra
     return available
 
 
@@ -55,6 +58,7 @@ def load_pipeline(cls, path, backend: str, device: str, threads: int, optimizati
     root = Path(path)
     if backend not in BACKENDS:
         raise ArtifactError(f"backend must be one of {', '.join(BACKENDS)} for this artifact, got {backend!r}")
+    require_device(device)
     manifest = read_manifest(root, verify=verify)
     use_trt = _use_tensorrt(backend, manifest, root)
     options = SessionOptions(intra_op_threads=threads, optimization=optimization)

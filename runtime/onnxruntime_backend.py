@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ArtifactError
+from .dependencies import require, require_device
+from .errors import ArtifactError, DependencyError
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,14 @@ class SessionOptions:
 
 
 def available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
+    return require("onnxruntime").get_available_providers()
 
 
 class OrtEngine:
     """One graph in ONNX Runtime. `device` is where its inputs and outputs live (cpu or cuda:N)."""
 
     def __init__(self, path: str | Path, options: SessionOptions = SessionOptions(), device: str = "cpu"):
-        import onnxruntime as ort
+        ort = require("onnxruntime")
 
         levels = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -71,9 +70,13 @@ class OrtEngine:
         if not options.spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.device = torch.device(device)
+        self.device = require_device(device)
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise DependencyError(f"device {device}: onnxruntime {ort.__version__} has no CUDAExecutionProvider; "
+                                      "replace it with onnxruntime-gpu: pip uninstall onnxruntime && "
+                                      "pip install 'btp[gpu]'")
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         self.path = Path(path)
         try:

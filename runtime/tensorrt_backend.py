@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .dependencies import require, require_device
 from .errors import ArtifactError
 
 ALIGNMENT = 256  # bytes: TensorRT's setTensorAddress asks for pointers with at least 256-byte alignment
@@ -127,13 +128,13 @@ class TrtEngine:
     """
 
     def __init__(self, path: str | Path, built_with: str | None = None, device: str = "cuda"):
-        import tensorrt as trt
+        trt = require("tensorrt")
 
         path = Path(path)
         if built_with is not None and built_with != trt.__version__:
             raise ArtifactError(f"{path}: built by TensorRT {built_with}, this is TensorRT {trt.__version__}; "
                                 "rebuild the artifact with btp-compile --backend tensorrt")
-        device = torch.device(device)
+        device = require_device(device)
         if device.type == "cuda" and device.index is None:  # compare equal to the tensors' cuda:N
             device = torch.device("cuda", torch.cuda.current_device())
         logger = trt.Logger(trt.Logger.WARNING)

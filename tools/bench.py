@@ -22,6 +22,7 @@ import torch
 
 from btp.runtime import Pipeline
 from btp.runtime.cli import run_main
+from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError
 from btp.runtime.manifest import read_manifest
 
@@ -218,7 +219,7 @@ def _environment(manifest) -> dict:
     return {
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "backend": "onnxruntime", "python": platform.python_version(), "torch": torch.__version__,
-        "onnxruntime": __import__("onnxruntime").__version__, "dtype": manifest.build.dtype,
+        "onnxruntime": require("onnxruntime").__version__, "dtype": manifest.build.dtype,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -383,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        require("onnxruntime")
         if min(args.repeat, args.new_tokens, args.batch, args.prompt_tokens) < 1:
             raise InputError("--repeat, --new-tokens, --batch and --prompt-tokens must be >= 1")
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731

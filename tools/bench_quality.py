@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from btp.runtime.cli import run_main
+from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError, PlanError
 
 from . import toy_task
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        require("onnxruntime")
         plans = [x.strip() for x in args.plans.split(",") if x.strip()]
         if not plans:
             raise InputError("--plans is empty")

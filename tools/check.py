@@ -26,6 +26,7 @@ import torch
 
 from btp.runtime import Pipeline
 from btp.runtime.cli import run_main
+from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError
 from btp.runtime.manifest import read_manifest
 from btp.runtime.tensorrt_backend import fit_profile, tensorrt_version
@@ -300,6 +301,7 @@ def check_artifact(out: str | Path, images, prompts, steps: int = 8, save: Path 
     from btp.compiler import load_model, reference_pipeline
     from btp.compiler.plan import Plan
 
+    require("onnxruntime")  # Polygraphy's ONNX Runtime runner and the pipeline need it
     root = Path(out)
     manifest = read_manifest(root)
     dtype = manifest.build.dtype

@@ -51,6 +51,8 @@ def _masked_hf_logits(model, inp, per_layer, tokens, steps):
     """Hugging Face run where, in each layer, removed image tokens are masked out as keys (a per-layer 4D mask).
 
     Independent of the chain: it uses only the HF model, the prompt, the kept indices and the chain's tokens.
+    The hook reads no keyword of the decoder layer but the mask it replaces (transformers 5.24 renamed the
+    cache keyword from `past_key_values` to `cache`): the number of cached positions is this loop's own count.
     """
     hf = model.hf
     b, t = inp.input_ids.shape
@@ -73,9 +75,9 @@ def _masked_hf_logits(model, inp, per_layer, tokens, steps):
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs["past_key_values"]
-        past = cache.get_seq_length(module.self_attn.layer_idx)
-        kwargs["attention_mask"] = mask_for(module.self_attn.layer_idx, hidden.shape[1], past + hidden.shape[1])
+        assert "attention_mask" in kwargs, "the decoder layer no longer takes attention_mask as a keyword"
+        q_len = hidden.shape[1]
+        kwargs["attention_mask"] = mask_for(module.self_attn.layer_idx, q_len, state["past"] + q_len)
         return args, kwargs
 
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
@@ -84,12 +86,14 @@ def _masked_hf_logits(model, inp, per_layer, tokens, steps):
             cache = DynamicCache(config=hf.config.text_config)
             state["mask2d"] = torch.cat([inp.attention_mask, torch.ones(b, steps, dtype=torch.int64)], 1)
             pos = (inp.attention_mask.cumsum(-1) - 1).clamp_min(0)
+            state["past"] = 0
             out = hf(input_ids=inp.input_ids, pixel_values=inp.pixel_values, attention_mask=inp.attention_mask,
                      position_ids=pos, past_key_values=cache, use_cache=True)
             logits = [out.logits[:, -1].float()]
             last = pos[:, -1]
             for step in range(steps - 1):
                 last = last + 1
+                state["past"] = t + step
                 out = hf(input_ids=tokens[:, step : step + 1], attention_mask=state["mask2d"][:, : t + step + 1],
                          position_ids=last[:, None], past_key_values=cache, use_cache=True)
                 logits.append(out.logits[:, -1].float())
