@@ -25,9 +25,9 @@ KEY_PACKAGES := torch transformers tokenizers onnx onnxscript onnxruntime polygr
 $(STAMP): pyproject.toml $(LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(PIP)"
-	$(BIN)/python -m pip install --quiet -r $(LOCK)
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install -qq "$(PIP)"
+	$(BIN)/python -m pip install -qq -r $(LOCK)
+	$(BIN)/python -m pip install -qq --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
@@ -56,7 +56,7 @@ lock: $(VENV)-lock/.installed
 $(VENV)-lock/.installed:
 	rm -rf $(VENV)-lock
 	$(PYTHON) -m venv $(VENV)-lock
-	$(VENV)-lock/bin/python -m pip install --quiet "$(PIP)" "$(PIP_TOOLS)" "$(UV)"
+	$(VENV)-lock/bin/python -m pip install -qq "$(PIP)" "$(PIP_TOOLS)" "$(UV)"
 	touch $@
 
 comma := ,
@@ -65,8 +65,8 @@ comma := ,
 test-latest:
 	rm -rf $(VENV)-latest
 	$(PYTHON) -m venv $(VENV)-latest
-	$(VENV)-latest/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	$(VENV)-latest/bin/python -m pip install -qq --upgrade pip
+	$(VENV)-latest/bin/python -m pip install -qq --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
 	$(VENV)-latest/bin/python -m pip check
 	@$(VENV)-latest/bin/python -m pip list --disable-pip-version-check 2>/dev/null | \
 		grep -iE "^($(subst $(space),|,$(KEY_PACKAGES))) " | tr -s ' ' | tr '\n' ';'; echo
@@ -81,8 +81,8 @@ test-lowest: $(VENV)-lock/.installed
 	$(VENV)-lock/bin/uv pip compile --quiet --resolution lowest-direct --python $(PYTHON) --no-header \
 		--extra $(subst $(comma), --extra ,$(EXTRAS)) --output-file build/lowest.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)-lowest
-	$(VENV)-lowest/bin/python -m pip install --quiet "$(PIP)"
-	$(VENV)-lowest/bin/python -m pip install --quiet -c build/lowest.txt -e ".[$(EXTRAS)]"
+	$(VENV)-lowest/bin/python -m pip install -qq "$(PIP)"
+	$(VENV)-lowest/bin/python -m pip install -qq -c build/lowest.txt -e ".[$(EXTRAS)]"
 	$(VENV)-lowest/bin/python -m pip check
 	@$(VENV)-lowest/bin/python -m pip list --disable-pip-version-check 2>/dev/null | \
 		grep -iE "^($(subst $(space),|,$(KEY_PACKAGES))) " | tr -s ' ' | tr '\n' ';'; echo

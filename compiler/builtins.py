@@ -8,6 +8,7 @@ a `save_pretrained` directory of model and processor from the package data inste
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -235,9 +236,24 @@ def build_builtin(name: str) -> tuple[LlavaForConditionalGeneration, LlavaProces
         if not (path / "config.json").is_file():
             raise ModelError(f"builtin:{name} has no trained weights in the package ({spec.weights}); "
                              f"train them with btp-train-toy --out <package>/{spec.weights}")
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        with _no_progress_bars():  # a 6.5 MB model loads in well under a second: a bar would only be noise
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model.eval(), processor
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' progress bars off inside the block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 BUILDERS: dict[str, Callable[[], tuple]] = {name: (lambda n=name: build_builtin(n)) for name in BUILTINS}

@@ -1,5 +1,6 @@
-"""`make demo`: the PyTorch reference of a builtin model with a BTP plan answers a question about the
-bundled sample image, showing what it kept at each stage."""
+"""`btp-demo`: the PyTorch reference of `builtin:toy-vlm` with a two-stage pruning plan answers a question
+about the bundled toy scene, showing what it kept at each stage (no compile: `make demo` compiles the same
+plan and asks the same question through `btp-run`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from btp.runtime.errors import BtpError
+from btp.runtime.cli import run_main
 
-from .samples import SAMPLE_QUESTION, sample_image
+from .samples import TOY_ANSWER, TOY_QUESTION, toy_plan_path, toy_scene
+
+DEMO_MODEL = "builtin:toy-vlm"
+RANDOM_WEIGHTS = ("builtin:tiny-llava", "builtin:llava-bench")
 
 
 def kept_map(kept: list[int], grid: tuple[int, int]) -> str:
@@ -23,44 +27,66 @@ def kept_map(kept: list[int], grid: tuple[int, int]) -> str:
     return "\n".join("".join("#" if r * cols + c in alive else "." for c in range(cols)) for r in range(rows))
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="btp-demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEMO_MODEL, help="model to load (default: %(default)s)")
+    p.add_argument("--plan", help="plan file or preset (default: the bundled two-stage plan for builtin:toy-vlm, "
+                   "btp for other models)")
+    p.add_argument("--image", help="image file (default: the bundled toy scene)")
+    p.add_argument("--prompt", default=TOY_QUESTION, help="question about the image (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--explain", metavar="FILE.png", help="draw the patches kept at each stage over the image")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="btp-demo", description=__doc__)
-    parser.add_argument("--model", default="builtin:tiny-llava", help="model to load (default: %(default)s)")
-    parser.add_argument("--plan", default="btp", help="plan file or preset (default: %(default)s)")
-    parser.add_argument("--prompt", default=SAMPLE_QUESTION, help="question about the sample image")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    args = parser.parse_args(argv)
-    console = Console()
-    err = Console(stderr=True)
-    try:
+    args = parser().parse_args(argv)
+    console = Console(highlight=False)
+
+    def body() -> int:
         from btp.compiler import load_model, reference_pipeline
 
+        from .run import open_image
+
+        plan = args.plan or (str(toy_plan_path()) if args.model == DEMO_MODEL else "btp")
+        image = open_image(args.image) if args.image else toy_scene()
         with console.status(f"loading {args.model}"):
             model = load_model(args.model)
-        pipe = reference_pipeline(model, args.plan)
-        out = pipe.generate([sample_image()], [args.prompt], max_new_tokens=args.max_new_tokens)
-    except BtpError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        return 2
-    plan = pipe.plan
-    console.print(f"[bold]model[/bold] {args.model}   [bold]plan[/bold] {args.plan}   "
-                  f"[bold]image tokens[/bold] {model.image_tokens} ({model.grid[0]}x{model.grid[1]})")
-    console.print(f"[bold]question[/bold] {args.prompt}")
-    console.print(f"[bold]answer[/bold]   {out.texts[0]!r}  (random weights: the words mean nothing)")
-    table = Table("stage", "first layer", "kept", "kept grid positions")
-    for st, kept in zip(pipe.spec.prunes, out.kept_indices[0]):
-        shown = ", ".join(map(str, kept[:24])) + (" ..." if len(kept) > 24 else "")
-        table.add_row(st.prune, str(st.layers[0]), str(len(kept)), shown or "-")
-    console.print(table)
-    if model.grid[1] <= 32:
-        maps = [Panel(kept_map(kept, model.grid), title=f"{st.prune}: {len(kept)} kept", expand=False)
-                for st, kept in zip(pipe.spec.prunes, out.kept_indices[0])]
-        console.print(Columns(maps))
-    avg = plan.average_image_tokens()
-    console.print(f"layer-averaged image tokens: {avg:.2f} of {model.image_tokens} "
-                  f"({100 * (1 - avg / model.image_tokens):.0f}% removed); time to first token "
-                  f"{out.timings['ttft_ms']:.1f} ms")
-    return 0
+        pipe = reference_pipeline(model, plan)
+        out = pipe.generate([image], [args.prompt], max_new_tokens=args.max_new_tokens)
+        answer = out.texts[0].strip()
+        console.print(f"[bold]model[/bold] {args.model}   [bold]plan[/bold] {args.plan or plan}   "
+                      f"[bold]image tokens[/bold] {model.image_tokens} ({model.grid[0]}x{model.grid[1]})")
+        console.print(f"[bold]question[/bold] {args.prompt}")
+        note = ""
+        if args.model in RANDOM_WEIGHTS:
+            note = "  (random weights: the words mean nothing)"
+        elif args.image is None and args.prompt == TOY_QUESTION:
+            note = "  (right)" if answer == TOY_ANSWER else f"  (wrong: the right answer is {TOY_ANSWER!r})"
+        console.print(f"[bold]answer[/bold]   {answer}{note}")
+        table = Table("stage", "first layer", "kept", "kept grid positions")
+        for st, kept in zip(pipe.spec.prunes, out.kept_indices[0]):
+            shown = ", ".join(map(str, kept[:24])) + (" ..." if len(kept) > 24 else "")
+            table.add_row(st.prune, str(st.layers[0]), str(len(kept)), shown or "-")
+        console.print(table)
+        if model.grid[1] <= 32:
+            maps = [Panel(kept_map(kept, model.grid), title=f"{st.prune}: {len(kept)} kept", expand=False)
+                    for st, kept in zip(pipe.spec.prunes, out.kept_indices[0])]
+            console.print(Columns(maps))
+        avg = pipe.plan.average_image_tokens()
+        console.print(f"layer-averaged image tokens: {avg:.2f} of {model.image_tokens} "
+                      f"({100 * (1 - avg / model.image_tokens):.0f}% removed); time to first token "
+                      f"{out.timings['ttft_ms']:.1f} ms")
+        if args.explain:
+            from .explain import explain_figure
+
+            titles = [s.prune for s in pipe.spec.prunes]
+            explain_figure(image, out.kept_indices[0], pipe.spec.grid, titles, args.explain)
+            console.print(f"wrote {args.explain}")
+        return 0
+
+    return run_main(body, args.debug, "btp-demo")
 
 
 if __name__ == "__main__":

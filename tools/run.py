@@ -17,7 +17,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="question; wrapped in the model's chat template unless it "
                    "already holds the <image> placeholder")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--backend", default="auto", help="auto or onnxruntime (default: auto)")
+    p.add_argument("--backend", default="auto", help="auto, onnxruntime or tensorrt (default: auto: TensorRT engines "
+                   "where the artifact has them and tensorrt imports, else ONNX Runtime)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu; TensorRT engines run on cuda)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--explain", metavar="FILE.png", help="draw the patches kept at each stage over the image")
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
-        pipe = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads)
+        pipe = Pipeline.load(args.artifact, backend=args.backend, device=args.device, threads=args.threads)
         image = open_image(args.image)
         if args.json:
             out = pipe.generate([image], [args.prompt], max_new_tokens=args.max_new_tokens)

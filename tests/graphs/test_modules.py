@@ -11,7 +11,10 @@ def test_vision_graph_equals_hugging_face_image_features(tiny, images):
     pixels = tiny.processor.image_processor(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         ours = graphs["vision"](pixels)
-        theirs = torch.stack(list(tiny.hf.model.get_image_features(pixel_values=pixels).pooler_output))
+        feats = tiny.hf.model.get_image_features(pixel_values=pixels)
+        # transformers 5 returns an output whose pooler_output holds the per-image features; 4.x the features
+        feats = getattr(feats, "pooler_output", feats)
+        theirs = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
     assert ours.shape == (2, tiny.image_tokens, tiny.hidden_size)
     assert (ours - theirs).abs().max().item() <= 1e-5
 
