@@ -71,6 +71,7 @@ class LlavaFamily:
         cfg = model.config
         vcfg = cfg.vision_config
         tower = model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # transformers <= 5.7 nest the CLIP transformer one level down
         n_layers = vcfg.num_hidden_layers
         layer = cfg.vision_feature_layer
         feature_layers = layer if layer >= 0 else n_layers + 1 + layer  # hidden_states[0] is the embedding

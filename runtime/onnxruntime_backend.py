@@ -51,8 +51,9 @@ def available_providers() -> list[str]:
 class OrtEngine:
     """One graph in ONNX Runtime. `device` is where its inputs and outputs live (cpu or cuda:N)."""
 
-    def __init__(self, path: str | Path, options: SessionOptions = SessionOptions(), device: str = "cpu"):
+    def __init__(self, path: str | Path, options: SessionOptions | None = None, device: str = "cpu"):
         ort = require("onnxruntime")
+        options = options or SessionOptions()
 
         levels = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

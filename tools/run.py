@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
             kept = out.kept_indices[0]
         else:
             stream = pipe.stream(image, args.prompt, max_new_tokens=args.max_new_tokens)
+            started = False
             for piece in stream:
+                if not started:  # the answer's first token usually carries the space after "ASSISTANT:"
+                    piece = piece.lstrip()
+                    started = bool(piece)
                 print(piece, end="", flush=True)
             print()
             kept = stream.kept_indices
