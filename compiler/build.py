@@ -50,6 +50,7 @@ class BuildConfig:
     opset: int = 18
     force: bool = False
     workspace_gib: float = 4.0  # TensorRT builder workspace limit (used by --backend tensorrt only)
+    tf32: bool = False  # let TensorRT compute fp32 matmuls/convolutions in TF32 (--backend tensorrt only)
 
 
 @dataclass
@@ -115,6 +116,8 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
         raise BuildError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if not (isinstance(cfg.workspace_gib, int | float) and math.isfinite(cfg.workspace_gib) and cfg.workspace_gib > 0):
         raise BuildError(f"--workspace must be a number of GiB > 0, got {cfg.workspace_gib!r}")
+    if cfg.tf32 and backend != "tensorrt":
+        raise BuildError(f"--tf32 sets how TensorRT builds fp32 engines; this build's backend is {backend}")
     _check_out(out, cfg.force)
     model = load_model(cfg.model, dtype=cfg.dtype)
     plan = resolve_plan(cfg.plan, model)
@@ -162,7 +165,7 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
 
             engines = build_engines(tmp, infos, chain.to_dict(),
                                     Bounds(lim.max_batch, lim.max_prompt, lim.max_new_tokens, chain.image_tokens),
-                                    workspace_gib=cfg.workspace_gib,
+                                    workspace_gib=cfg.workspace_gib, tf32=cfg.tf32,
                                     on_graph=on_graph and (lambda n, _p: on_graph(n, "engine", None)))
             trt_version = tensorrt.__version__
         model.processor.save_pretrained(tmp / "processor")
@@ -174,7 +177,8 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
             chain=chain.to_dict(),
             build=BuildOptions(backend=backend, dtype=cfg.dtype, opset=cfg.opset, max_batch=lim.max_batch,
                                max_prompt=lim.max_prompt, max_new_tokens=lim.max_new_tokens,
-                               workspace_gib=cfg.workspace_gib if backend == "tensorrt" else None),
+                               workspace_gib=cfg.workspace_gib if backend == "tensorrt" else None,
+                               tf32=cfg.tf32 if backend == "tensorrt" else None),
             graphs=infos,
             files=file_table(tmp),
             engines=engines,

@@ -209,10 +209,47 @@ def random_model(spec: BuiltinSpec, processor: LlavaProcessor) -> LlavaForCondit
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = LlavaForConditionalGeneration(config)
+    seeded_init(model, spec.seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model.eval()
+
+
+def seeded_init(model: LlavaForConditionalGeneration, seed: int) -> None:
+    """Overwrite every parameter of `model` from one seeded generator, in parameter-name order, after the scheme
+    of transformers' CLIP and Llama initialisers: norm scales 1, biases 0; in the vision tower the class
+    embedding normal(0, d^-1/2), attention and MLP projections scaled by width and depth, other vision weights
+    normal(0, range); everything else (text model, projector, head) normal(0, the text config's range).
+
+    transformers' own initialisation changes between releases (5.6 and 5.24 give other weights for the same
+    seed), so the random builtins would be other models on other versions; this gives the same weights on all.
+    """
+    vcfg, tcfg = model.config.vision_config, model.config.text_config
+    d, depth, factor = vcfg.hidden_size, vcfg.num_hidden_layers, vcfg.initializer_factor
+    in_std = d**-0.5 * (2 * depth) ** -0.5 * factor
+    vision_std = {
+        "class_embedding": d**-0.5 * factor,
+        "self_attn.q_proj.weight": in_std, "self_attn.k_proj.weight": in_std, "self_attn.v_proj.weight": in_std,
+        "self_attn.out_proj.weight": d**-0.5 * factor,
+        "mlp.fc1.weight": (2 * d) ** -0.5 * factor, "mlp.fc2.weight": in_std,
+    }
+    norms = {name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+            owner, _, leaf = name.rpartition(".")
+            if leaf == "bias":
+                p.zero_()
+            elif owner in norms:
+                p.fill_(1.0)
+            else:
+                if ".vision_tower." in f".{name}":
+                    std = next((v for k, v in vision_std.items() if name.endswith(k)), vcfg.initializer_range * factor)
+                else:
+                    std = tcfg.initializer_range
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def weights_dir(name: str):

@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..20 (default: 18)")
     p.add_argument("--workspace", type=float, default=4.0, metavar="GIB",
                    help="TensorRT builder workspace limit in GiB, > 0 (default: 4; --backend tensorrt only)")
+    p.add_argument("--tf32", action="store_true", help="let TensorRT compute fp32 layers in TF32 (faster, 10-bit "
+                   "mantissa inputs; off by default so fp32 engines match the reference; --backend tensorrt only)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--check", action="store_true", help="run btp-check on the artifact after the build")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BuildConfig(
         model=args.model, plan=args.plan, out=args.out, backend=args.backend, dtype=args.dtype,
         limits=Limits(max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens),
-        opset=args.opset, force=args.force, workspace_gib=args.workspace,
+        opset=args.opset, force=args.force, workspace_gib=args.workspace, tf32=args.tf32,
     )
 
     def body() -> int:

@@ -2,8 +2,10 @@
 
 Strongly typed networks (precision comes from the exported graph; the FP16/BF16 builder flags are gone
 in TensorRT 10.12+/11), `parse_from_file` so external weights resolve, parser errors reported with the
-node, a workspace limit (`btp-compile --workspace`), a persistent timing cache in the artifact, and the
-optimization profiles of `trt_profiles`, derived from the graph I/O specs.
+node, a workspace limit (`btp-compile --workspace`), TF32 off unless `--tf32` (TensorRT turns it on by default,
+which rounds fp32 matmul inputs to 10-bit mantissas and can change which tokens a prune graph keeps), a
+persistent timing cache in the artifact, and the optimization profiles of `trt_profiles`, derived from the graph
+I/O specs. Every call that reports failure through its return value is checked.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from btp.runtime.dependencies import require
 from btp.runtime.errors import BtpError
 
 from .trt_profiles import Bounds, profiles
@@ -18,10 +21,35 @@ from .trt_profiles import Bounds, profiles
 log = logging.getLogger(__name__)
 
 
+def configure(trt, builder, config, graph: str, shapes_per_profile: list[dict], workspace_gib: float,
+              tf32: bool, cache_bytes: bytes):
+    """Set up a builder `config` for one graph: workspace, TF32, the timing cache, one optimization profile per
+    entry of `shapes_per_profile` (input -> (min, opt, max)). Returns the timing cache. `BtpError` naming the
+    graph (and input) where TensorRT refuses a setting."""
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    if tf32:
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    cache = config.create_timing_cache(cache_bytes)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise BtpError(f"{graph}: TensorRT refused the timing cache (engines/timing.cache from another TensorRT "
+                       "version or GPU?); delete it and build again")
+    for p, shapes in enumerate(shapes_per_profile):
+        profile = builder.create_optimization_profile()
+        for tensor, (lo, opt, hi) in shapes.items():
+            if profile.set_shape(tensor, lo, opt, hi) is False:
+                raise BtpError(f"{graph}: TensorRT refused profile {p} of input {tensor}: min {lo}, opt {opt}, "
+                               f"max {hi}")
+        if config.add_optimization_profile(profile) < 0:
+            raise BtpError(f"{graph}: TensorRT refused optimization profile {p} ({shapes})")
+    return cache
+
+
 def build_engines(root: Path, graphs: dict, chain: dict, bounds: Bounds, workspace_gib: float = 4.0,
-                  on_graph=None) -> dict[str, str]:
+                  tf32: bool = False, on_graph=None) -> dict[str, str]:
     """Build `root/engines/{name}.engine` for every graph in `graphs` (name -> GraphInfo); returns the files."""
-    import tensorrt as trt
+    trt = require("tensorrt")
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -40,14 +68,8 @@ def build_engines(root: Path, graphs: dict, chain: dict, bounds: Bounds, workspa
             node = err.node_name() if hasattr(err, "node_name") else str(err.node())
             raise BtpError(f"{info.file}: the TensorRT parser refused node {node!r}: {err.desc()}")
         config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-        cache = config.create_timing_cache(cache_bytes)
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        for shapes in profiles(name, info.inputs, chain, bounds):
-            profile = builder.create_optimization_profile()
-            for tensor, (lo, opt, hi) in shapes.items():
-                profile.set_shape(tensor, lo, opt, hi)
-            config.add_optimization_profile(profile)
+        configure(trt, builder, config, name, profiles(name, info.inputs, chain, bounds), workspace_gib, tf32,
+                  cache_bytes)
         blob = builder.build_serialized_network(network, config)
         if blob is None:
             raise BtpError(f"{info.file}: TensorRT could not build an engine (see the TensorRT log above)")

@@ -53,8 +53,8 @@ def phase_dims(name: str, chain: dict, b: Bounds) -> list[dict[str, Range]]:
     if name == "embed":
         return [{"batch": batch, "seq": (1, b.max_prompt // 2, b.max_prompt), "image_tokens": (n0, n0, n0)},
                 {"batch": batch, "seq": (1, 1, 1), "image_tokens": (0, 0, 0)}]
-    if name == "head":
-        return [{"batch": batch, "seq": (1, b.max_prompt // 2, b.max_prompt)}]
+    if name == "head":  # [B,1,D]; artifacts made before the static row declared [B,seq,D] and got one row too
+        return [{"batch": batch, "seq": (1, 1, 1)}]
     return [{"batch": batch}]
 
 

@@ -58,6 +58,9 @@ class BuildOptions(BaseModel):
     max_prompt: int
     max_new_tokens: int
     workspace_gib: float | None = None  # TensorRT builder workspace limit (TensorRT builds only)
+    # Whether TensorRT could use TF32 for fp32 layers (TensorRT builds only). Artifacts from before the field were
+    # built with TensorRT's default, TF32 on: read None as True where engines exist.
+    tf32: bool | None = None
 
 
 class Manifest(BaseModel):

@@ -26,6 +26,11 @@ _ORT_TYPES = {
     "tensor(int32)": torch.int32,
     "tensor(bool)": torch.bool,
 }
+# torch dtype -> ONNX element type (`onnx.TensorProto`): what `IOBinding.bind_input` takes for types numpy lacks
+# (bfloat16), so every input binds the same way on every device.
+ELEMENT_TYPES = {
+    torch.float32: 1, torch.int32: 6, torch.int64: 7, torch.bool: 9, torch.float16: 10, torch.bfloat16: 16,
+}
 
 
 @dataclass(frozen=True)
@@ -99,28 +104,27 @@ class OrtEngine:
             want = self.input_types[name]
             if want is not None and t.dtype != want:
                 raise TypeError(f"{self.path.name}: input {name} must be {want}, got {t.dtype}")
+            if t.device != self.device:
+                raise TypeError(f"{self.path.name}: input {name} must be on {self.device}, got {t.device}")
             t = t.contiguous()
             keep.append(t)
-            if self.device.type == "cpu":
-                binding.bind_cpu_input(name, t.numpy())  # a view of the tensor's memory
-            else:
-                self._bind_ptr(binding, name, t)
+            self._bind(binding, name, t)
         for name in self.output_names:
             binding.bind_output(name, self._ort_device, self.device.index or 0)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch kernels are ready
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
         return {name: self._to_torch(v) for name, v in zip(self.output_names, outs)}
 
-    def _bind_ptr(self, binding, name: str, t: torch.Tensor) -> None:
-        import numpy as np
-
-        np_type = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
-                   torch.int32: np.int32, torch.bool: np.bool_}.get(t.dtype)
-        if np_type is None:
+    def _bind(self, binding, name: str, t: torch.Tensor) -> None:
+        """Bind a contiguous tensor by its pointer, typed with its ONNX element type (bf16 included)."""
+        element = ELEMENT_TYPES.get(t.dtype)
+        if element is None:
             raise TypeError(f"{self.path.name}: cannot bind {t.dtype} input {name}")
-        binding.bind_input(name, self._ort_device, self.device.index or 0, np_type, list(t.shape), t.data_ptr())
+        binding.bind_input(name, self._ort_device, self.device.index or 0, element, list(t.shape), t.data_ptr())
 
-    def _to_torch(self, value) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return torch.from_numpy(value.numpy())
-        return torch.from_dlpack(value.to_dlpack())
+    @staticmethod
+    def _to_torch(value) -> torch.Tensor:
+        """An output `OrtValue` -> a torch tensor on its device sharing its memory (DLPack; any dtype)."""
+        return torch.from_dlpack(value)

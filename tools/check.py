@@ -4,9 +4,10 @@ Inputs are captured from a real run of the reference chain on sample images and 
 decode), so prune graphs see realistic score margins. Per graph, Polygraphy's `Comparator` runs a torch
 runner (the `graphs` module) and `OnnxrtRunner` over the same feeds and, where the artifact has TensorRT
 engines and TensorRT is importable, `TrtRunner` on the engine: one runner per optimization profile, each
-over the feeds whose shapes fit that profile (prefill or decode). fp32 artifacts compare elementwise with
-ONNX Runtime (atol = rtol = 1e-4); fp16/bf16 ones, and TensorRT's fp32 engines (TF32, TensorRT's default,
-has fp16's mantissa), by error statistics. `keep_indices` compare as sets; a difference the reference
+over the feeds whose shapes fit that profile (prefill or decode). fp32 artifacts compare elementwise
+(atol = rtol = 1e-4) with ONNX Runtime and with TensorRT engines built without TF32 (the default);
+fp16/bf16 ones, and fp32 engines built with `--tf32` (TF32 has fp16's mantissa), by error statistics
+(`P99_MIN_VALUES` says how small feeds are pooled). `keep_indices` compare as sets; a difference the reference
 itself flips under a perturbation of the dtype's resolution is a tie, not a failure. End to end, greedy
 tokens of the artifact's pipeline are compared with the reference's for every sample.
 """
@@ -34,6 +35,10 @@ from btp.runtime.tensorrt_backend import fit_profile, tensorrt_version
 FP32_TOL = 1e-4
 # fp16/bf16 thresholds: median relative error, its 99th percentile, and the cosine of every output.
 STAT_TOL = {"float16": (5e-3, 5e-2, 0.999), "bfloat16": (2e-2, 1e-1, 0.995)}
+# Below this many values a feed's 99th percentile is one of its two largest errors, decided by a single rounding
+# (a decode step of builtin:tiny-llava has 64 hidden values): such feeds' relative errors are pooled per output
+# and their 99th percentile is taken over the pool; median and cosine stay per feed.
+P99_MIN_VALUES = 100
 
 
 def simple_compare_func(**kwargs):
@@ -121,10 +126,12 @@ def group_by_profile(feeds: list[dict], ranges) -> tuple[dict[int, list[int]], l
 
 @dataclass
 class TrtTarget:
-    """One graph's engine for the TensorRT runner: its file and its profiles' (min, opt, max) shapes."""
+    """One graph's engine for the TensorRT runner: its file, its profiles' (min, opt, max) shapes, and whether
+    it was built with TF32 (fp32 layers then compute with 10-bit mantissa inputs)."""
 
     engine: Path
     ranges: list
+    tf32: bool = True
 
 
 def _run_tensorrt(name: str, target: TrtTarget, feeds: list[dict]) -> tuple[dict[int, dict], list[int], list[str]]:
@@ -237,8 +244,10 @@ def compare_graph(name: str, ref_engine, onnx_path: Path, feeds: list[dict], dty
         report.runners.append("tensorrt")
         trt_iters, report.profile_feeds, failures = _run_tensorrt(name, trt, feeds)
         report.failures += failures
+        # fp32 engines without TF32 are held to fp32's atol/rtol, with TF32 to fp16's statistics (same mantissa)
+        strict = exact and not trt.tf32
         _judge(report, "tensorrt", ref_iters, trt_iters, feeds, ref_engine, dtype,
-               stats="float16" if exact else dtype)  # fp32 engines compute in TF32
+               stats=None if strict else ("float16" if exact else dtype), tol=FP32_TOL if strict else None)
     report.passed = not report.failures
     return report
 
@@ -255,11 +264,12 @@ def _np(v) -> np.ndarray:
 
 
 def _judge(report: GraphReport, runner: str, ref_iters: list[dict], iters: dict[int, dict], feeds: list[dict],
-           ref_engine, dtype: str, stats: str | None) -> None:
+           ref_engine, dtype: str, stats: str | None, tol: float | None = None) -> None:
     """Compare `runner`'s outputs (feed index -> outputs) with the reference's into `report`: max abs
     errors, kept sets, integer outputs, and, with `stats`, the error statistics of that dtype (whose
-    resolution then also decides what counts as a tie)."""
+    resolution then also decides what counts as a tie), with `tol`, elementwise atol = rtol = `tol`."""
     errors = report.errors.setdefault(runner, {})
+    pooled: dict[str, list[np.ndarray]] = {}  # output -> relative errors of its small feeds
     for i, b in sorted(iters.items()):
         a = ref_iters[i]
         for out in a:
@@ -277,22 +287,43 @@ def _judge(report: GraphReport, runner: str, ref_iters: list[dict], iters: dict[
                 err = float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()) if x.size else 0.0
                 errors[out] = max(errors.get(out, 0.0), err)
                 report.worst[out] = max(report.worst.get(out, 0.0), err)
-                reason = _stat_failure(x, y, stats) if stats else None
+                reason = None
+                if stats:
+                    small = x.size < P99_MIN_VALUES
+                    reason = _stat_failure(x, y, stats, quantile=not small)
+                    if small and x.size:
+                        pooled.setdefault(out, []).append(_relative(x, y))
+                if tol is not None and not np.allclose(y, x, atol=tol, rtol=tol):
+                    reason = f"beyond atol/rtol {tol} (max abs error {err:.2e})"
                 if reason:
                     report.failures.append(f"{runner}: {out} (feed {i}): {reason}")
             elif not np.array_equal(x, y):
                 report.failures.append(f"{runner}: {out} (feed {i}): integer outputs differ")
+    for out, rels in pooled.items():
+        rel = np.concatenate(rels)
+        if (q := float(np.quantile(rel, 0.99))) > STAT_TOL[stats][1]:
+            report.failures.append(f"{runner}: {out} ({len(rels)} feeds of under {P99_MIN_VALUES} values, "
+                                   f"{rel.size} in all): p99 rel {q:.2e}")
 
 
-def _stat_failure(x: np.ndarray, y: np.ndarray, dtype: str) -> str | None:
+def _relative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    a, b = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
+    return np.abs(a - b) / (np.abs(a) + 1e-3)
+
+
+def _stat_failure(x: np.ndarray, y: np.ndarray, dtype: str, quantile: bool = True) -> str | None:
+    """Median and (with `quantile`) 99th percentile of the relative error, and the cosine, against `dtype`'s
+    thresholds; a one-line reason, or None when all hold."""
     med_tol, q_tol, cos_tol = STAT_TOL[dtype]
     a, b = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
     if a.size == 0:
         return None
-    rel = np.abs(a - b) / (np.abs(a) + 1e-3)
+    rel = _relative(x, y)
     cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-    if np.median(rel) > med_tol or np.quantile(rel, 0.99) > q_tol or cos < cos_tol:
-        return f"median rel {np.median(rel):.2e}, p99 rel {np.quantile(rel, 0.99):.2e}, cosine {cos:.6f}"
+    q = float(np.quantile(rel, 0.99))
+    if np.median(rel) > med_tol or (quantile and q > q_tol) or cos < cos_tol:
+        p99 = f"p99 rel {q:.2e}" if quantile else f"p99 pooled over the small feeds ({a.size} values here)"
+        return f"median rel {np.median(rel):.2e}, {p99}, cosine {cos:.6f}"
     return None
 
 
@@ -317,7 +348,8 @@ def check_artifact(out: str | Path, images, prompts, steps: int = 8, save: Path 
     if trt_skipped is None:
         from btp.compiler.trt_profiles import manifest_profiles
 
-        targets = {name: TrtTarget(root / manifest.engines[name], manifest_profiles(manifest, name))
+        tf32 = manifest.build.tf32 is not False  # None: built before the field, with TensorRT's default (TF32 on)
+        targets = {name: TrtTarget(root / manifest.engines[name], manifest_profiles(manifest, name), tf32)
                    for name in manifest.graphs}
     graphs = [compare_graph(name, ref.engines[name], root / info.file, feeds.get(name, []), dtype, save,
                             targets.get(name)) for name, info in manifest.graphs.items()]

@@ -106,13 +106,15 @@ def test_cli_writes_a_plan_and_plot_that_compile_and_run(tmp_path, capsys):
     from btp.runtime import Pipeline
 
     plan_path, png = tmp_path / "plan.json", tmp_path / "plan.png"
-    code = calibrate_cli.main(["builtin:tiny-llava", "--data", "builtin", "--samples", "8", "--retention", "0.25",
+    # The rule cuts this random model at layers 4-7 (its image tokens drift through layer 4), which keeps at least
+    # half of them on average: 60% is in reach of the rule's boundaries, and the plan must land within 2% of it.
+    code = calibrate_cli.main(["builtin:tiny-llava", "--data", "builtin", "--samples", "8", "--retention", "0.6",
                                "-o", str(plan_path), "--plot", str(png)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "layer-averaged image tokens" in out and "distortion" in out
     plan = Plan.load(plan_path)
-    assert abs(plan.average_image_tokens() - 16) <= 0.32
+    assert abs(plan.average_image_tokens() - 0.6 * 64) <= 0.02 * 0.6 * 64
     cal = plan.calibration
     assert cal["method"] == "drift" and len(cal["drift"]) == 8 and "heldout" in cal["distortion"]["rule"]
     with Image.open(png) as im:

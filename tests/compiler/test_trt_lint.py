@@ -219,3 +219,138 @@ def test_external_k_is_checked_when_the_data_file_exists(tmp_path):
     assert "K=4000" in only(lint_model(path)).rule
     (tmp_path / "topk.data").unlink()
     assert lint_model(path) == []  # the value is unknown without the data: the lint does not guess
+
+
+# ------------------------------------------------------------------ the onnx-tensorrt importer rules
+B, F16, U8 = TensorProto.BOOL, TensorProto.FLOAT16, TensorProto.UINT8
+
+
+def counted_loop(cond: str = "", trip: int = 4, body_reads: str = "", ) -> onnx.ModelProto:
+    """A Loop over state x; `body_reads` names a body input ("cond_in" or "iter") that the body also consumes."""
+    nodes = [helper.make_node("Add", ["x_in", "x_in"], ["x_out"])]
+    if body_reads == "cond_in":
+        nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
+    else:
+        nodes.append(helper.make_node("Constant", [], ["cond_out"], value=numpy_helper.from_array(np.array(True))))
+    if body_reads == "iter":
+        nodes.append(helper.make_node("Cast", ["iter"], ["iter_f"], to=F))
+        nodes[0] = helper.make_node("Add", ["x_in", "iter_f"], ["x_out"])
+    body = helper.make_graph(nodes, "body", [vi("iter", I64, ()), vi("cond_in", B, ()), vi("x_in")],
+                             [vi("cond_out", B, ()), vi("x_out")])
+    loop = helper.make_node("Loop", ["n", cond, "x"], ["y"], name="loop", body=body)
+    inits = [numpy_helper.from_array(np.array(trip, np.int64), "n")]
+    if cond:
+        inits.append(numpy_helper.from_array(np.array(True), cond))
+    return model([loop], [vi("x")], [vi("y")], inits)
+
+
+def test_loop_body_may_not_read_an_unregistered_condition_input():
+    assert lint_model(counted_loop()) == []  # the fill loop's form: empty condition, constant body condition
+    v = only(lint_model(counted_loop(body_reads="cond_in")))
+    assert v.op == "Loop" and "never registers the body's condition input 'cond_in'" in v.rule
+    assert lint_model(counted_loop(cond="c", body_reads="cond_in")) == []  # registered when the outer one is given
+
+
+def test_loop_trip_count_of_int32_max_counts_as_none():
+    assert lint_model(counted_loop(body_reads="iter")) == []
+    rules = [v.rule for v in lint_model(counted_loop(trip=2**31 - 1, body_reads="iter"))]
+    assert len(rules) == 2 and "below 2^31-1" in rules[0] and "iteration number 'iter'" in rules[1]
+
+
+def test_loop_trip_count_must_be_one_element():
+    m = counted_loop()
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([4, 4], np.int64), "n"))
+    assert "expected the trip count to be a scalar or one element" in only(lint_model(m)).rule
+
+
+def _one(op, inputs, outputs, inits=(), ins=None, outs=None, **attrs):
+    node = helper.make_node(op, ins or [i.name for i in inputs] + [t.name for t in inits],
+                            outs or [o.name for o in outputs], name="n", **attrs)
+    return model([node], inputs, outputs, inits)
+
+
+def _axes(values, name="axes"):
+    return numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+IMPORTER_CASES = {
+    "topk K of two elements": (
+        _one("TopK", [vi("x")], [vi("v", F, None), vi("i", I64, None)], [_axes([3, 3], "k")], axis=-1),
+        "expected K to be a scalar or one element"),
+    "topk axis outside the rank": (
+        _one("TopK", [vi("x")], [vi("v", F, None), vi("i", I64, None)], [k_init(3)], axis=2),
+        "expected axis in [-2, 1]"),
+    "topk on uint8": (
+        _one("TopK", [vi("x", U8)], [vi("v", U8, None), vi("i", I64, None)], [k_init(3)], axis=-1),
+        "expected no UINT8 input"),
+    "gather on uint8": (_one("Gather", [vi("x", U8), vi("i", I64, (2,))], [vi("y", U8, None)]), "no UINT8"),
+    "gather_elements axis": (
+        _one("GatherElements", [vi("x"), vi("i", I64)], [vi("y", F, None)], axis=-3), "expected axis in [-2, 1]"),
+    "gather_nd symbolic last index dim": (
+        _one("GatherND", [vi("x"), vi("i", I64, (2, None))], [vi("y", F, None)], batch_dims=1),
+        "static last dimension of the indices 'i'"),
+    "range of mixed types": (
+        _one("Range", [vi("a", I64, ()), vi("b", TensorProto.INT32, ()), vi("c", I64, ())], [vi("r", I64, None)]),
+        "one type, found INT64, INT32, INT64"),
+    "range in fp16": (
+        _one("Range", [vi("a", F16, ()), vi("b", F16, ()), vi("c", F16, ())], [vi("r", F16, None)]),
+        "expected INT32, INT64 or FLOAT inputs, found FLOAT16"),
+    "clip with an empty min and no max": (
+        _one("Clip", [vi("x")], [vi("y")], ins=["x", ""]), "Clip min value must be an initializer"),
+    "clip on bool": (_one("Clip", [vi("x", B)], [vi("y", B)]), "expected no BOOL input"),
+    "squeeze without axes on a dynamic shape": (
+        _one("Squeeze", [vi("x", F, (1, None))], [vi("y", F, None)]), "expected an axes input"),
+    "reduce_l2 with run-time axes": (
+        _one("ReduceL2", [vi("x"), vi("axes", I64, (1,))], [vi("y", F, None)]),
+        "axes input to be an initializer or Constant"),
+    "reduce_l2 on int64": (
+        _one("ReduceL2", [vi("x", I64)], [vi("y", I64, None)], [_axes([1])]), "expected no INT64 input"),
+    "is_inf on fp16 detecting one sign": (
+        _one("IsInf", [vi("x", F16)], [vi("y", B)], detect_negative=0), "expected no FLOAT16 input"),
+    "or on floats": (_one("Or", [vi("a"), vi("b")], [vi("y", B)]), "expected BOOL inputs, found 'a' of type FLOAT"),
+    "min on bool": (_one("Min", [vi("a", B), vi("b", B)], [vi("y", B)]), "expected no BOOL input"),
+    "pow on int64": (_one("Pow", [vi("a", I64), vi("b", I64)], [vi("y", I64)]), "expected no INT64 input"),
+    "where on uint8": (_one("Where", [vi("c", B), vi("a", U8), vi("b", U8)], [vi("y", U8)]), "no UINT8"),
+    "argmax axis": (_one("ArgMax", [vi("x")], [vi("y", I64, None)], axis=5), "expected axis in [-2, 1]"),
+}
+
+
+@pytest.mark.parametrize("case", IMPORTER_CASES)
+def test_importer_rule_flags_its_graph(case):
+    m, expected = IMPORTER_CASES[case]
+    v = only(lint_model(m))
+    assert v.node == "n" and expected in v.rule, str(v)
+
+
+def test_importer_rules_accept_what_the_btp_graphs_use():
+    cases = [
+        _one("Clip", [vi("x", I64), vi("lo", I64, ()), vi("hi", I64, ())], [vi("y", I64)]),  # run-time int64 bounds
+        _one("Squeeze", [vi("x", I64, (1,))], [vi("y", I64, ())]),  # no axes, static shape
+        _one("ReduceL2", [vi("x")], [vi("y", F, None)], [_axes([1])], keepdims=1),
+        _one("IsInf", [vi("x")], [vi("y", B)]),
+        _one("IsInf", [vi("x")], [vi("y", B)], detect_negative=0),  # one sign: fine on FP32
+        _one("Equal", [vi("a", B), vi("b", B)], [vi("y", B)]),  # Equal takes every type
+        _one("GatherND", [vi("x"), vi("i", I64, (2, 1))], [vi("y", F, None)], batch_dims=1),
+    ]
+    assert [lint_model(m) for m in cases] == [[]] * len(cases)
+
+
+@pytest.mark.parametrize("preset", ["none", "btp", "fastv", "pdrop", "divprune"])
+def test_every_exported_graph_passes_the_importer_rules(artifact, preset):
+    root = artifact(preset)
+    for path in sorted((root / "onnx").glob("*.onnx")):
+        assert lint_model(path) == [], path.name
+
+
+def test_the_old_fill_loop_body_breaks_the_condition_rule(artifact):
+    """The diversity fill as it was exported before: the body's condition copied its condition input."""
+    m = onnx.load(artifact("btp") / "onnx" / "prune1.onnx")
+    assert lint_model(m) == []
+    loop = next(n for n in m.graph.node if n.op_type == "Loop")
+    assert loop.input[1] == ""
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    i = next(k for k, n in enumerate(body.node) if n.output[0] == body.output[0].name)
+    assert body.node[i].op_type == "Constant"
+    body.node[i].CopyFrom(helper.make_node("Identity", [body.input[1].name], [body.output[0].name]))
+    v = only(lint_model(m))
+    assert v.op == "Loop" and "never registers the body's condition input" in v.rule

@@ -99,3 +99,18 @@ def test_engine_reports_the_graph_io(artifact):
     engine = OrtEngine(artifact("btp") / "onnx" / "prune2.onnx")
     assert engine.input_names == ["hidden_states", "position_ids", "attention_mask", "scores", "image_start"]
     assert engine.output_names[-1] == "keep_indices"
+
+
+def test_head_graph_takes_one_static_row(artifact):
+    """The head reads row 0 of a static single row (no negative Gather index over a dynamic axis)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(artifact("btp") / "onnx" / "head.onnx")
+    (inp,) = m.graph.input
+    dims = inp.type.tensor_type.shape.dim
+    assert inp.name == "hidden_states" and dims[0].dim_param and dims[1].dim_value == 1
+    consts = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    consts |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in m.graph.node if n.op_type == "Constant"}
+    indices = [consts[n.input[1]] for n in m.graph.node if n.op_type == "Gather" and n.input[1] in consts]
+    assert all((i >= 0).all() for i in indices)

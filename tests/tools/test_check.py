@@ -66,6 +66,41 @@ def test_stat_failure_thresholds():
     assert check._stat_failure(x, x + 0.2, "float16") is not None
 
 
+def _judged(refs, outs, stats="float16", tol=None):
+    report = check.GraphReport("g", len(refs), True)
+    check._judge(report, "onnxruntime", [{"h": r} for r in refs], {i: {"h": o} for i, o in enumerate(outs)},
+                 [{}] * len(refs), None, "float16", stats=stats, tol=tol)
+    return report.failures
+
+
+def test_small_feeds_pool_their_99th_percentile():
+    """Decode steps of 64 values: two values near zero off by a rounding step of the tensor's scale are no
+    failure; errors in many values are, whether in one feed or spread over all."""
+    rng = np.random.default_rng(0)
+    refs = [rng.standard_normal((1, 1, 64)).astype(np.float32) for _ in range(6)]
+    near_zero = [r.copy() for r in refs]
+    near_zero[0][0, 0, :2] = 1.25e-3
+    one_off = [r.copy() for r in near_zero]
+    one_off[0][0, 0, :2] = 1.48e-3  # 2.3e-4 off: one fp16 step at magnitude 0.4, 10% of these values
+    assert check._stat_failure(near_zero[0], one_off[0], "float16") is not None  # alone, p99 of 64 values fails
+    assert _judged(near_zero, one_off) == []
+    spread = [r * np.float32(1.08) for r in refs]  # 8% off everywhere: every feed's median, and the pool, fail
+    failures = _judged(refs, spread)
+    assert sum("(feed " in f and "median rel" in f for f in failures) == 6 and "384 in all" in failures[-1]
+    tail = [r.copy() for r in refs]
+    for t in tail:
+        t[0, 0, 0] *= 1.2  # 1 of 64 values (1.6%) 20% off in every feed: only the pooled 99th percentile sees it
+    (failure,) = _judged(refs, tail)
+    assert failure.startswith("onnxruntime: h (6 feeds of under 100 values, 384 in all): p99 rel")
+
+
+def test_exact_tolerance_judges_every_value():
+    ref = np.linspace(-1, 1, 200).astype(np.float32)
+    assert _judged([ref], [ref + 5e-5], stats=None, tol=1e-4) == []
+    (failure,) = _judged([ref], [ref + 5e-4], stats=None, tol=1e-4)
+    assert "beyond atol/rtol 0.0001" in failure
+
+
 def test_fp16_artifact_passes_the_statistical_comparison(tmp_path, capsys):
     from btp.compiler.build import BuildConfig, compile_artifact
     from btp.compiler.export import Limits
