@@ -7,7 +7,9 @@ options, and derived dims (`past + seq`, `seq - 32`) are left to the exporter, w
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -126,7 +128,10 @@ def export_graph(module: nn.Module, path: Path, *, limits: Limits, opset: int, i
     t0 = time.perf_counter()
     # The exporter's registry logs one warning per torchvision op it skips; none of ours needs torchvision.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+    # Some exporter releases print their optimizer's progress ("Applied 13 of general pattern rewrite rules.",
+    # onnxscript 0.6) to stdout, where `--json` reports go: it goes to stderr instead.
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), \
+            contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, tuple(items), dynamo=True, opset_version=opset,

@@ -63,13 +63,15 @@ def load_pipeline(cls, path, backend: str, device: str, threads: int, optimizati
     use_trt = _use_tensorrt(backend, manifest, root)
     options = SessionOptions(intra_op_threads=threads, optimization=optimization)
     engines = {}
+    scratch = None
     for name, info in manifest.graphs.items():
         if use_trt:
-            from .tensorrt_backend import TrtEngine
+            from .tensorrt_backend import SharedScratch, TrtEngine
 
             file = root / manifest.engines[name]
             device = device if device.startswith("cuda") else "cuda"
-            engine = TrtEngine(file, manifest.tensorrt, device)
+            scratch = scratch or SharedScratch(require_device(device))  # one block and stream for the chain
+            engine = TrtEngine(file, manifest.tensorrt, device, scratch)
         else:
             file = root / info.file
             engine = OrtEngine(file, options, device)

@@ -1,14 +1,18 @@
 """TensorRT backend: one deserialized engine per graph, one execution context per optimization profile.
 
 Written against the TensorRT 10/11 Python API (`set_input_shape`, `set_tensor_address`,
-`execute_async_v3`); tensors are torch CUDA tensors, so the chain's KV caches stay on the device and the
-engines run on torch's current stream, ordered with the chain's own torch ops. `TrtEngine` needs the
-`tensorrt` package and a GPU; the rules it follows (which profile a call uses, which inputs are copied,
-which output buffers are reused) are plain functions here, importable and tested without either.
+`execute_async_v3`); tensors are torch CUDA tensors, so the chain's KV caches stay on the device. The engines of
+one chain share a `SharedScratch`: one block of activation memory (contexts are created with user-managed
+memory; the chain runs one engine at a time, so the block is the largest need of any engine and profile, not
+their sum) and one dedicated CUDA stream, ordered with torch's current stream before and after each call. Every
+TensorRT call that reports failure through its return value is checked. `TrtEngine` needs the `tensorrt`
+package and a GPU; the rules it follows (which profile a call uses, which inputs are copied, which output
+buffers are reused, how the scratch block is sized and bound) are plain code here, tested without either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -119,6 +123,76 @@ def engine_input(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> t
     return out
 
 
+def _checked(ok, message: str) -> None:
+    """TensorRT reports a refused setting by returning False: make it the project's error."""
+    if ok is False:
+        raise ArtifactError(message)
+
+
+def device_scope(device: torch.device):
+    """`torch.cuda.device(device)` for CUDA devices (so cuda:1 works), nothing for the CPU of the tests."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def memory_size(engine, profile: int) -> int:
+    """Activation memory an engine's context needs in `profile`, in bytes, across TensorRT 10.x/11 spellings."""
+    for name in ("get_device_memory_size_for_profile_v2", "get_device_memory_size_for_profile"):
+        if hasattr(engine, name):
+            return int(getattr(engine, name)(profile))
+    return int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
+
+
+class SharedScratch:
+    """The activation memory and the CUDA stream that every execution context of one chain shares.
+
+    The block grows to the largest size attached (every context is re-pointed when it does) and is bound with
+    `set_device_memory(ptr, size)` (TensorRT 10.1+; the `device_memory` attribute before). All engines enqueue on
+    `stream`, so calls from several threads run one after another on the GPU and never overlap in the block.
+    """
+
+    def __init__(self, device: str | torch.device):
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.block: torch.Tensor | None = None
+        self._contexts: list[tuple[object, str]] = []
+
+    @property
+    def size(self) -> int:
+        return 0 if self.block is None else self.block.numel()
+
+    @property
+    def handle(self) -> int:
+        """The stream's handle for `execute_async_v3` (0 on the CPU of the tests)."""
+        return self.stream.cuda_stream if self.stream is not None else 0
+
+    def attach(self, ctx, size: int, what: str) -> None:
+        """Give context `ctx` (described by `what` in errors) at least `size` bytes of the shared block."""
+        self._contexts.append((ctx, what))
+        if size > self.size:
+            self.block = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+            for c, w in self._contexts:
+                self._bind(c, w)
+        else:
+            self._bind(ctx, what)
+
+    def _bind(self, ctx, what: str) -> None:
+        ptr, size = self.block.data_ptr(), self.block.numel()
+        if hasattr(ctx, "set_device_memory"):
+            _checked(ctx.set_device_memory(ptr, size), f"{what}: TensorRT refused {size} bytes of device memory")
+        else:  # TensorRT 10.0
+            ctx.device_memory = ptr
+
+    def before(self) -> None:
+        """The stream waits for what torch queued on its current stream (the inputs)."""
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def after(self) -> None:
+        """torch's current stream waits for the engine (the outputs)."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
 class TrtEngine:
     """A serialized TensorRT engine behind the name-keyed `run(feeds) -> outputs` contract.
 
@@ -127,7 +201,8 @@ class TrtEngine:
     (the `present.*` KV caches, `logits`) is a fresh tensor the caller owns.
     """
 
-    def __init__(self, path: str | Path, built_with: str | None = None, device: str = "cuda"):
+    def __init__(self, path: str | Path, built_with: str | None = None, device: str = "cuda",
+                 scratch: SharedScratch | None = None):
         trt = require("tensorrt")
 
         path = Path(path)
@@ -137,28 +212,38 @@ class TrtEngine:
         device = require_device(device)
         if device.type == "cuda" and device.index is None:  # compare equal to the tensors' cuda:N
             device = torch.device("cuda", torch.cuda.current_device())
-        logger = trt.Logger(trt.Logger.WARNING)
-        engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
-        if engine is None:
-            raise ArtifactError(f"{path}: TensorRT cannot deserialize this engine")
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        mode = engine.get_tensor_mode
-        inputs = [n for n in names if mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if mode(n) == trt.TensorIOMode.OUTPUT]
-        contexts = []
-        for p in range(engine.num_optimization_profiles):
-            ctx = engine.create_execution_context()
-            ctx.set_optimization_profile_async(p, torch.cuda.current_stream(device).cuda_stream)
-            contexts.append(ctx)
+        scratch = scratch if scratch is not None else SharedScratch(device)
+        with device_scope(device):
+            logger = trt.Logger(trt.Logger.WARNING)
+            engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise ArtifactError(f"{path}: TensorRT cannot deserialize this engine")
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            mode = engine.get_tensor_mode
+            inputs = [n for n in names if mode(n) == trt.TensorIOMode.INPUT]
+            outputs = [n for n in names if mode(n) == trt.TensorIOMode.OUTPUT]
+            contexts = []
+            for p in range(engine.num_optimization_profiles):
+                ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+                if ctx is None:
+                    raise ArtifactError(f"{path}: TensorRT could not create an execution context (profile {p})")
+                scratch.attach(ctx, memory_size(engine, p), f"{path.name} profile {p}")
+                _checked(ctx.set_optimization_profile_async(p, scratch.handle),
+                         f"{path.name}: TensorRT refused to select optimization profile {p}")
+                contexts.append(ctx)
+            if scratch.stream is not None:
+                scratch.stream.synchronize()  # the profile switches are done before any input is bound
         ranges = [{n: tuple(tuple(d) for d in engine.get_tensor_profile_shape(n, p)) for n in inputs}
                   for p in range(len(contexts))]
         dtypes = {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
         self.engine = engine
-        self._setup(path, device, inputs, outputs, dtypes, ranges, contexts)
+        self._setup(path, device, inputs, outputs, dtypes, ranges, contexts, scratch)
 
     def _setup(self, path: Path, device: torch.device, inputs: list[str], outputs: list[str],
-               dtypes: dict[str, torch.dtype], ranges: list[dict[str, Range]], contexts: list) -> None:
+               dtypes: dict[str, torch.dtype], ranges: list[dict[str, Range]], contexts: list,
+               scratch: SharedScratch | None = None) -> None:
         """Everything `run` uses; separate from the TensorRT calls of `__init__` so it can be tested without."""
+        self.scratch = scratch if scratch is not None else SharedScratch(device)
         self.path = path
         self.device = device
         self.input_names = inputs
@@ -181,18 +266,17 @@ class TrtEngine:
     def _address(self, t: torch.Tensor) -> int:
         return t.data_ptr() if t.numel() else self._dummy.data_ptr()
 
-    def _stream(self) -> int:
-        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
-
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with self._lock:
+        with self._lock, device_scope(self.device):
             ctx = self.contexts[self._profile(feeds)]
             inputs = {}
+            name = self.path.name
             for n in self.input_names:
                 t = engine_input(feeds[n], self.device, self._dtypes[n])
-                inputs[n] = t  # held until the call is enqueued; the allocator orders reuse on this stream
-                ctx.set_input_shape(n, tuple(t.shape))
-                ctx.set_tensor_address(n, self._address(t))
+                inputs[n] = t  # held until the call is enqueued; torch's stream waits for the engine after it
+                _checked(ctx.set_input_shape(n, tuple(t.shape)),
+                         f"{name}: TensorRT refused shape {tuple(t.shape)} for input {n}")
+                _checked(ctx.set_tensor_address(n, self._address(t)), f"{name}: TensorRT refused the address of {n}")
             fed = {t.untyped_storage().data_ptr() for t in inputs.values() if t.numel()}
             outputs = {}
             for n in self.output_names:
@@ -200,10 +284,13 @@ class TrtEngine:
                 out = self._pool.get(n, shape, dtype, self.device) if n in self._reused else None
                 if out is None or (out.numel() and out.untyped_storage().data_ptr() in fed):
                     out = torch.empty(shape, dtype=dtype, device=self.device)  # fresh (or fed back in as input)
-                ctx.set_tensor_address(n, self._address(out))
+                _checked(ctx.set_tensor_address(n, self._address(out)), f"{name}: TensorRT refused the address of {n}")
                 outputs[n] = out
-            if not ctx.execute_async_v3(self._stream()):
-                raise RuntimeError(f"{self.path.name}: TensorRT execution failed")
+            self.scratch.before()
+            ok = ctx.execute_async_v3(self.scratch.handle)
+            self.scratch.after()
+            if not ok:
+                raise RuntimeError(f"{name}: TensorRT execution failed")
             return outputs
 
 

@@ -188,3 +188,14 @@ def test_onnxruntime_builds_record_no_workspace_and_older_manifests_still_read(a
     data = json.loads((root / MANIFEST).read_text())
     del data["build"]["workspace_gib"]  # written before the field existed
     assert Manifest.model_validate(data).build.workspace_gib is None
+
+
+def test_compiling_writes_nothing_to_stdout(tmp_path, capsys):
+    """`--json` reports of the commands that compile in-process (btp-bench, btp-bench-quality) own stdout: the
+    exporter's chatter (onnxscript 0.6 prints its rewrite passes) goes to stderr."""
+    from btp.compiler.build import BuildConfig, compile_artifact
+    from btp.compiler.export import Limits
+
+    compile_artifact(BuildConfig(model="builtin:tiny-llava", plan="divprune", out=tmp_path / "a",
+                                 limits=Limits(max_batch=2, max_prompt=128, max_new_tokens=8)))
+    assert capsys.readouterr().out == ""

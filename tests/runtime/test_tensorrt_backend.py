@@ -1,20 +1,24 @@
 """TrtEngine's rules without TensorRT: profile choice, input copies, output buffer reuse (a fake context on CPU)."""
 
+import contextlib
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from btp.runtime import tensorrt_backend
+from btp.runtime import ArtifactError, tensorrt_backend
 from btp.runtime.tensorrt_backend import (
     ALIGNMENT,
     REUSED_OUTPUTS,
     OutputPool,
+    SharedScratch,
     TrtEngine,
     buffer_key,
     engine_input,
     fit_profile,
+    memory_size,
     reuses_buffer,
 )
 
@@ -165,3 +169,91 @@ def test_run_never_writes_an_output_into_one_of_its_inputs(engine, monkeypatch):
 def test_run_refuses_shapes_outside_every_profile(engine):
     with pytest.raises(ValueError, match="fit none of the engine's profiles"):
         engine.run(_feeds(3, 1, 2))
+
+
+class MemoryContext:
+    """Records `set_device_memory(ptr, size)` as TensorRT 10.1+ takes it; `refuse` answers False."""
+
+    def __init__(self, refuse: bool = False):
+        self.bound, self.refuse = [], refuse
+
+    def set_device_memory(self, ptr, size):
+        self.bound.append((ptr, size))
+        return False if self.refuse else None
+
+
+def test_scratch_is_one_block_of_the_largest_need_bound_to_every_context():
+    scratch = SharedScratch(CPU)
+    a, b, c = MemoryContext(), MemoryContext(), MemoryContext()
+    scratch.attach(a, 1000, "vision profile 0")
+    scratch.attach(b, 4000, "stage0 profile 0")  # grows: a is re-pointed at the new block
+    scratch.attach(c, 2500, "stage0 profile 1")  # fits: bound as is
+    ptr = scratch.block.data_ptr()
+    assert scratch.size == 4000 and scratch.handle == 0
+    assert a.bound[-1] == b.bound[-1] == c.bound[-1] == (ptr, 4000)
+    assert len(a.bound) == 2 and len(c.bound) == 1
+
+
+def test_scratch_binds_the_tensorrt_10_0_attribute_and_reports_refusals():
+    scratch = SharedScratch(CPU)
+    old = SimpleNamespace()  # TensorRT 10.0: a writable device_memory attribute, no setter method
+    scratch.attach(old, 64, "head profile 0")
+    assert old.device_memory == scratch.block.data_ptr()
+    with pytest.raises(ArtifactError, match="stage1.engine profile 0: TensorRT refused 64 bytes of device memory"):
+        scratch.attach(MemoryContext(refuse=True), 16, "stage1.engine profile 0")
+
+
+def test_memory_size_reads_each_tensorrt_spelling():
+    assert memory_size(SimpleNamespace(get_device_memory_size_for_profile_v2=lambda p: 10 * (p + 1)), 1) == 20
+    assert memory_size(SimpleNamespace(get_device_memory_size_for_profile=lambda p: 7), 0) == 7
+    assert memory_size(SimpleNamespace(device_memory_size_v2=5, device_memory_size=3), 0) == 5
+    assert memory_size(SimpleNamespace(device_memory_size=3), 0) == 3
+
+
+class RefusingContext(FakeContext):
+    def __init__(self, refuse: str):
+        super().__init__()
+        self.refuse = refuse
+
+    def set_input_shape(self, name, shape):
+        super().set_input_shape(name, shape)
+        return not (self.refuse == "shape" and name == "past_key_values.0.key")
+
+    def set_tensor_address(self, name, address):
+        super().set_tensor_address(name, address)
+        return not (self.refuse == "address" and name == "logits")
+
+
+@pytest.mark.parametrize(("refuse", "message"), [
+    ("shape", r"stage0.engine: TensorRT refused shape \(1, 2, 3, 3\) for input past_key_values.0.key"),
+    ("address", "stage0.engine: TensorRT refused the address of logits"),
+])
+def test_run_checks_every_return_value(refuse, message):
+    e = TrtEngine.__new__(TrtEngine)
+    names = ["hidden_states", "present.0.key", "logits"]
+    dtypes = {"inputs_embeds": torch.float32, "past_key_values.0.key": torch.float32,
+              **dict.fromkeys(names, torch.float32)}
+    e._setup(Path("stage0.engine"), CPU, list(RANGES[0]), names, dtypes, RANGES,
+             [RefusingContext(refuse), RefusingContext(refuse)])
+    with pytest.raises(ArtifactError, match=message):
+        e.run(_feeds(1, 1, 3))
+
+
+def test_runs_enter_the_engine_device(engine, monkeypatch):
+    entered = []
+
+    def scope(device):
+        entered.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(tensorrt_backend, "device_scope", scope)
+    engine.run(_feeds(1, 5, 0))
+    assert entered == [CPU]
+
+
+def test_device_scope_is_torch_cuda_device_for_cuda():
+    from btp.runtime.tensorrt_backend import device_scope as real_scope
+
+    ctx = real_scope(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    assert isinstance(real_scope(CPU), contextlib.nullcontext)
