@@ -50,6 +50,7 @@ def test_tensorrt_backend_refuses_an_artifact_without_engines(artifact):
         Pipeline.load(artifact("btp"), backend="tensorrt")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TRT, reason="tensorrt is not importable here (it needs an NVIDIA GPU host)")
 def test_tensorrt_engines_match_onnxruntime(tmp_path, images):  # pragma: no cover - GPU hosts only
     from btp.compiler.build import BuildConfig, compile_artifact

@@ -169,6 +169,7 @@ def test_table_names_the_runners_and_why_tensorrt_was_skipped(capsys):
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TRT, reason="tensorrt is not importable here (it needs an NVIDIA GPU host)")
 def test_check_runs_tensorrt_engines_per_profile(tmp_path, capsys):  # pragma: no cover - GPU hosts only
     from btp.compiler.build import BuildConfig, compile_artifact

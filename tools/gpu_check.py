@@ -1,0 +1,106 @@
+"""`python -m btp.tools.gpu_check`: the GPU runbook, one command for a person with an NVIDIA GPU.
+
+After `pip install -e '.[gpu,dev]'` on a CUDA host it builds TensorRT engines of the builtin models for every
+preset in fp32 and fp16, runs `btp-check` on each (torch vs ONNX Runtime vs the TensorRT engines, and the
+pipeline's greedy tokens end to end), runs the test suite's `gpu` tests (`pytest -m gpu`: the reference on CUDA
+against Hugging Face on CUDA, ONNX Runtime's CUDA binding, the engines against ONNX Runtime), and writes one JSON
+report. Nothing here has run yet: the project's machines have no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from btp.runtime.cli import run_main
+from btp.runtime.dependencies import importable, require, require_device
+
+MODELS = ("builtin:tiny-llava", "builtin:toy-vlm")
+PRESETS = ("none", "btp", "fastv", "pdrop", "divprune")
+DTYPES = ("float32", "float16")
+
+
+def environment() -> dict:
+    """What the report says about the host: versions, the GPU, the providers."""
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "tensorrt": None, "onnxruntime": None, "providers": []}
+    if importable("tensorrt"):
+        env["tensorrt"] = require("tensorrt").__version__
+    if importable("onnxruntime"):
+        ort = require("onnxruntime")
+        env["onnxruntime"], env["providers"] = ort.__version__, ort.get_available_providers()
+    return env
+
+
+def build_and_check(model: str, preset: str, dtype: str, root: Path, log) -> dict:
+    """One TensorRT artifact, then `btp-check` on it: the check's verdict, failures and times."""
+    from btp.compiler.build import BuildConfig, compile_artifact
+    from btp.compiler.export import Limits
+    from btp.tools.check import check_artifact
+    from btp.tools.samples import TOY_QUESTION, sample_image, toy_scene
+
+    out = root / f"{model.split(':')[-1]}-{preset}-{dtype}"
+    entry = {"model": model, "plan": preset, "dtype": dtype, "artifact": str(out)}
+    t0 = time.perf_counter()
+    try:
+        compile_artifact(BuildConfig(model=model, plan=preset, out=out, backend="tensorrt", dtype=dtype, force=True,
+                                     limits=Limits(max_batch=2, max_prompt=512, max_new_tokens=32)))
+        entry["build_s"] = round(time.perf_counter() - t0, 1)
+        toy = model == "builtin:toy-vlm"
+        images = [toy_scene()] if toy else [sample_image()]
+        prompts = [TOY_QUESTION] if toy else ["What is shown in the image?"]
+        t1 = time.perf_counter()
+        report = check_artifact(out, images, prompts, steps=8)
+        entry.update(check_s=round(time.perf_counter() - t1, 1), passed=report["passed"],
+                     runners=report["runners"], tokens=report["tokens"],
+                     failures=[f for g in report["graphs"] for f in g["failures"]][:10])
+    except Exception as err:  # noqa: BLE001 - one failing build must not hide the others' results
+        entry.update(passed=False, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    log(f"{model} {preset} {dtype}: {'pass' if entry.get('passed') else 'FAIL'}")
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="btp-gpu-check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="build/gpu-check.json", help="the JSON report (default: %(default)s)")
+    p.add_argument("--work", default="build/gpu", help="where the artifacts go (default: %(default)s)")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--dtypes", default=",".join(DTYPES))
+    p.add_argument("--no-pytest", action="store_true", help="skip `pytest -m gpu`")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        require_device("cuda")  # a one-line DependencyError (exit 2) on a machine without one
+        require("tensorrt")
+        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        report = {"environment": environment(), "artifacts": [], "pytest_gpu": None}
+        for model in args.models.split(","):
+            for preset in args.presets.split(","):
+                for dtype in args.dtypes.split(","):
+                    report["artifacts"].append(build_and_check(model, preset, dtype, Path(args.work), log))
+        if not args.no_pytest:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs"], capture_output=True,
+                                  text=True)
+            report["pytest_gpu"] = {"returncode": proc.returncode, "tail": proc.stdout.splitlines()[-15:]}
+        report["passed"] = all(a.get("passed") for a in report["artifacts"]) and (
+            report["pytest_gpu"] is None or report["pytest_gpu"]["returncode"] == 0)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        log(f"wrote {args.out}: {'PASS' if report['passed'] else 'FAIL'}")
+        return 0 if report["passed"] else 1
+
+    return run_main(body, args.debug, "btp-gpu-check")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
