@@ -51,6 +51,7 @@ class BuildConfig:
     force: bool = False
     workspace_gib: float = 4.0  # TensorRT builder workspace limit (used by --backend tensorrt only)
     tf32: bool = False  # let TensorRT compute fp32 matmuls/convolutions in TF32 (--backend tensorrt only)
+    timing_cache: Path | None = None  # a TensorRT timing cache shared across builds (--backend tensorrt only)
 
 
 @dataclass
@@ -118,6 +119,11 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
         raise BuildError(f"--workspace must be a number of GiB > 0, got {cfg.workspace_gib!r}")
     if cfg.tf32 and backend != "tensorrt":
         raise BuildError(f"--tf32 sets how TensorRT builds fp32 engines; this build's backend is {backend}")
+    if cfg.timing_cache is not None:
+        if backend != "tensorrt":
+            raise BuildError(f"--timing-cache is TensorRT's; this build's backend is {backend}")
+        if Path(cfg.timing_cache).is_dir():
+            raise BuildError(f"--timing-cache {cfg.timing_cache}: expected a file (made if missing), found a directory")
     _check_out(out, cfg.force)
     model = load_model(cfg.model, dtype=cfg.dtype)
     plan = resolve_plan(cfg.plan, model)
@@ -165,7 +171,7 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
 
             engines = build_engines(tmp, infos, chain.to_dict(),
                                     Bounds(lim.max_batch, lim.max_prompt, lim.max_new_tokens, chain.image_tokens),
-                                    workspace_gib=cfg.workspace_gib, tf32=cfg.tf32,
+                                    workspace_gib=cfg.workspace_gib, tf32=cfg.tf32, timing_cache=cfg.timing_cache,
                                     on_graph=on_graph and (lambda n, _p: on_graph(n, "engine", None)))
             trt_version = tensorrt.__version__
         model.processor.save_pretrained(tmp / "processor")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -35,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
                    help="TensorRT builder workspace limit in GiB, > 0 (default: 4; --backend tensorrt only)")
     p.add_argument("--tf32", action="store_true", help="let TensorRT compute fp32 layers in TF32 (faster, 10-bit "
                    "mantissa inputs; off by default so fp32 engines match the reference; --backend tensorrt only)")
+    p.add_argument("--timing-cache", type=Path, metavar="PATH", help="TensorRT timing cache shared across builds: "
+                   "read if it exists, rewritten after the build (--backend tensorrt only)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--check", action="store_true", help="run btp-check on the artifact after the build")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, plan=args.plan, out=args.out, backend=args.backend, dtype=args.dtype,
         limits=Limits(max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens),
         opset=args.opset, force=args.force, workspace_gib=args.workspace, tf32=args.tf32,
+        timing_cache=args.timing_cache,
     )
 
     def body() -> int:

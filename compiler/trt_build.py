@@ -46,9 +46,28 @@ def configure(trt, builder, config, graph: str, shapes_per_profile: list[dict], 
     return cache
 
 
+def read_timing_cache(shared: Path | None) -> bytes:
+    """The timing cache a build starts from: `--timing-cache PATH` where that file exists, else empty."""
+    if shared is None or not Path(shared).is_file():
+        return b""
+    return Path(shared).read_bytes()
+
+
+def write_timing_cache(blob: bytes, artifact_cache: Path, shared: Path | None) -> None:
+    """The cache after a build: into the artifact, and back to `--timing-cache PATH` (whole or not at all)."""
+    artifact_cache.write_bytes(blob)
+    if shared is not None:
+        shared = Path(shared)
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        tmp = shared.with_name(f".{shared.name}.tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(shared)
+
+
 def build_engines(root: Path, graphs: dict, chain: dict, bounds: Bounds, workspace_gib: float = 4.0,
-                  tf32: bool = False, on_graph=None) -> dict[str, str]:
-    """Build `root/engines/{name}.engine` for every graph in `graphs` (name -> GraphInfo); returns the files."""
+                  tf32: bool = False, on_graph=None, timing_cache: Path | None = None) -> dict[str, str]:
+    """Build `root/engines/{name}.engine` for every graph in `graphs` (name -> GraphInfo); returns the files.
+    `timing_cache` is a file shared across builds: read when it exists, rewritten after the build."""
     trt = require("tensorrt")
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -56,7 +75,7 @@ def build_engines(root: Path, graphs: dict, chain: dict, bounds: Bounds, workspa
     engines_dir = root / "engines"
     engines_dir.mkdir(exist_ok=True)
     cache_path = engines_dir / "timing.cache"
-    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache_bytes = read_timing_cache(timing_cache)
     files = {}
     for name, info in graphs.items():
         if on_graph:
@@ -77,5 +96,5 @@ def build_engines(root: Path, graphs: dict, chain: dict, bounds: Bounds, workspa
         path.write_bytes(bytes(blob))
         cache_bytes = bytes(config.get_timing_cache().serialize())
         files[name] = path.relative_to(root).as_posix()
-    cache_path.write_bytes(cache_bytes)
+    write_timing_cache(cache_bytes, cache_path, timing_cache)
     return files

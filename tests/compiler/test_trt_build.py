@@ -89,11 +89,30 @@ def test_tf32_is_recorded_in_the_manifest_of_tensorrt_builds_only(artifact):
     assert build.backend == "onnxruntime" and build.tf32 is None
 
 
-def test_tf32_without_tensorrt_is_a_one_line_error(tmp_path, capsys):
+def test_a_shared_timing_cache_is_read_and_rewritten_whole(tmp_path):
+    from btp.compiler.trt_build import read_timing_cache, write_timing_cache
+
+    shared = tmp_path / "caches" / "timing.cache"
+    assert read_timing_cache(None) == b"" and read_timing_cache(shared) == b""  # first build: nothing to reuse
+    artifact_cache = tmp_path / "timing.cache"
+    write_timing_cache(b"after build one", artifact_cache, shared)
+    assert artifact_cache.read_bytes() == shared.read_bytes() == b"after build one"
+    assert read_timing_cache(shared) == b"after build one"  # the next build starts from it
+    assert [p.name for p in shared.parent.iterdir()] == ["timing.cache"]  # no temporary file left
+    write_timing_cache(b"artifact only", artifact_cache, None)
+    assert shared.read_bytes() == b"after build one"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--timing-cache", "{tmp}/t.cache"], "--timing-cache is TensorRT's; this build's backend is onnxruntime"),
+    (["--tf32"], "--tf32 sets how TensorRT builds fp32 engines"),
+])
+def test_tensorrt_options_without_tensorrt_are_one_line_errors(tmp_path, capsys, extra, message):
     from btp.compiler.cli import main
 
     out = tmp_path / "x"
-    assert main(["builtin:tiny-llava", "--plan", "btp", "-o", str(out), "--backend", "onnxruntime", "--tf32"]) == 2
+    args = [a.format(tmp=tmp_path) for a in extra]
+    assert main(["builtin:tiny-llava", "--plan", "btp", "-o", str(out), "--backend", "onnxruntime", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--tf32 sets how TensorRT builds fp32 engines; this build's backend is onnx" in err[0]
+    assert len(err) == 1 and message in err[0]
     assert not out.exists()
