@@ -22,11 +22,13 @@ import torch
 
 from btp.runtime import Pipeline
 from btp.runtime.cli import run_main
-from btp.runtime.dependencies import require
+from btp.runtime.dependencies import require, require_device
 from btp.runtime.errors import InputError
 from btp.runtime.manifest import read_manifest
 
 from .samples import sample_image
+
+CPU = torch.device("cpu")
 
 
 def _cpu_model() -> str:
@@ -39,9 +41,9 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def cached_artifact(root: Path, manifest, plan, label: str, log=print) -> Path:
+def cached_artifact(root: Path, manifest, plan, label: str, log=print, backend: str = "onnxruntime") -> Path:
     """`plan` (a preset name or a `Plan`) compiled for OUT's model, dtype and bounds, once, into a cache
-    beside OUT keyed by the model fingerprint, the options and the plan itself."""
+    beside OUT keyed by the model fingerprint, the options, the backend and the plan itself."""
     import hashlib
 
     from btp.compiler.build import BuildConfig, compile_artifact
@@ -52,6 +54,8 @@ def cached_artifact(root: Path, manifest, plan, label: str, log=print) -> Path:
     text = plan if isinstance(plan, str) else plan.to_json()
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     key = f"{fp}-{b.dtype}-o{b.opset}-b{b.max_batch}-p{b.max_prompt}-n{b.max_new_tokens}"
+    if backend != "onnxruntime":
+        key += f"-{backend}"
     out = root.parent / ".btp-bench-cache" / (f"{label}-{key}" if label == "none" else f"{label}-{key}-{digest}")
     if (out / "manifest.json").is_file():
         return out
@@ -61,15 +65,15 @@ def cached_artifact(root: Path, manifest, plan, label: str, log=print) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         spec = str(out.parent / f"{out.name}.plan.json")
         plan.save(spec)
-    compile_artifact(BuildConfig(model=manifest.model["name"], plan=spec, out=out, backend="onnxruntime",
-                                 dtype=b.dtype, opset=b.opset, force=True,
+    compile_artifact(BuildConfig(model=manifest.model["name"], plan=spec, out=out, backend=backend,
+                                 dtype=b.dtype, opset=b.opset, force=True, tf32=bool(b.tf32),
                                  limits=Limits(b.max_batch, b.max_prompt, b.max_new_tokens)))
     return out
 
 
-def unpruned_twin(root: Path, manifest, log=print) -> Path:
-    """The plan-`none` artifact with the same model, dtype and bounds (cached beside OUT)."""
-    return cached_artifact(root, manifest, "none", "none", log)
+def unpruned_twin(root: Path, manifest, log=print, backend: str = "onnxruntime") -> Path:
+    """The plan-`none` artifact with the same model, dtype, bounds and backend (cached beside OUT)."""
+    return cached_artifact(root, manifest, "none", "none", log, backend)
 
 
 def fixed_flops(model) -> float:
@@ -104,11 +108,12 @@ class _HfRunner:
     """Hugging Face `generate` on the same weights (sdpa attention, greedy): one `run()` per benchmark round
     gives its time to first token and its decode tokens/s, so that it interleaves with the engine runs."""
 
-    def __init__(self, model, inp, new_tokens: int):
-        self.hf = model.hf
+    def __init__(self, model, inp, new_tokens: int, device: torch.device = CPU):
+        self.hf = model.hf.to(device)
         self.hf.set_attn_implementation("sdpa")
-        self.kwargs = dict(input_ids=inp.input_ids, attention_mask=inp.attention_mask,
-                           pixel_values=inp.pixel_values, do_sample=False)
+        self.device = device
+        self.kwargs = dict(input_ids=inp.input_ids.to(device), attention_mask=inp.attention_mask.to(device),
+                           pixel_values=inp.pixel_values.to(device), do_sample=False)
         self.new_tokens, self.batch = new_tokens, inp.input_ids.shape[0]
         self._generate(2)  # warm-up
 
@@ -116,6 +121,8 @@ class _HfRunner:
         t0 = time.perf_counter()
         with torch.inference_mode():
             self.hf.generate(**self.kwargs, max_new_tokens=n, min_new_tokens=n)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return (time.perf_counter() - t0) * 1e3
 
     def run(self) -> dict:
@@ -139,8 +146,9 @@ def _layer_averaged(plan) -> float:
 
 
 def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: int, batch: int,
-          repeat: int, log=print, rebuild: bool = False) -> dict:
-    """Run the benchmark; returns the report (`btp-bench --json`)."""
+          repeat: int, log=print, rebuild: bool = False, backend: str = "onnxruntime", device: str = "cpu") -> dict:
+    """Run the benchmark; returns the report (`btp-bench --json`). `backend` and `device` go to `Pipeline.load`
+    for OUT and its unpruned twin (compiled for the same backend); Hugging Face runs on `device` too."""
     from btp.compiler import load_model
     from btp.compiler.plan import Plan
 
@@ -148,16 +156,19 @@ def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: 
     manifest = read_manifest(root)
     if batch > manifest.build.max_batch:
         raise InputError(f"--batch {batch} exceeds the artifact's max batch {manifest.build.max_batch}")
-    pruned = Pipeline.load(root)
+    dev = require_device(device)
+    if backend == "tensorrt" and not manifest.engines:
+        raise InputError(f"--backend tensorrt: {root} has no TensorRT engines (built with --backend onnxruntime)")
+    pruned = Pipeline.load(root, backend=backend, device=device)
     tok = pruned.processor.tokenizer
     prompt = make_prompt(tok, prompt_tokens)
     images, prompts = [sample_image()] * batch, [prompt] * batch
     pipes = {"pruned": pruned}
     if "unpruned" in baselines:
-        twin = unpruned_twin(root, manifest, log)
+        twin = unpruned_twin(root, manifest, log, backend)
         if rebuild:
-            twin = _rebuild(twin, lambda: unpruned_twin(root, manifest, log))
-        pipes["unpruned"] = Pipeline.load(twin)
+            twin = _rebuild(twin, lambda: unpruned_twin(root, manifest, log, backend))
+        pipes["unpruned"] = Pipeline.load(twin, backend=backend, device=device)
     model = load_model(manifest.model["name"], dtype=manifest.build.dtype)
     graphs = {name: list(p.engines) for name, p in pipes.items()}
     runners = {name: (lambda p=p: p.generate(images, prompts, max_new_tokens=new_tokens,
@@ -165,7 +176,7 @@ def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: 
     for p in pipes.values():  # warm-up
         p.generate(images, prompts, max_new_tokens=2)
     if "hf" in baselines:
-        runners["hf"] = _HfRunner(model, pruned.prepare(images, prompts), new_tokens).run
+        runners["hf"] = _HfRunner(model, pruned.prepare(images, prompts), new_tokens, dev).run
     runs: dict[str, list[dict]] = {name: [] for name in runners}
     for i in range(repeat):
         log(f"round {i + 1}/{repeat}")
@@ -211,17 +222,22 @@ def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: 
             ratios["vs_hf_ttft_unpruned"] = report["unpruned"]["ttft_ms"] / hf["ttft_ms"]
             ratios["vs_hf_decode_unpruned"] = report["unpruned"]["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
     report["ratios"] = ratios
-    report["environment"] = _environment(manifest)
+    report["environment"] = _environment(manifest, backend, dev)
     return report
 
 
-def _environment(manifest) -> dict:
-    return {
+def _environment(manifest, backend: str = "onnxruntime", device: torch.device = CPU) -> dict:
+    env = {
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "backend": "onnxruntime", "python": platform.python_version(), "torch": torch.__version__,
+        "backend": backend, "device": str(device), "python": platform.python_version(), "torch": torch.__version__,
         "onnxruntime": require("onnxruntime").__version__, "dtype": manifest.build.dtype,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    if backend == "tensorrt":
+        env["tensorrt"] = require("tensorrt").__version__
+    return env
 
 
 def _rebuild(path: Path, compile_again) -> Path:
@@ -380,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="compile several plans for OUT's model (cached) and measure TTFT against tokens")
     p.add_argument("--plans", help="with --sweep: comma list of presets, or of layer-averaged shares for budgets")
     p.add_argument("--rebuild", action="store_true", help="recompile the cached unpruned twin")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="engines to time (default: onnxruntime; tensorrt needs an artifact built with engines)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N], for the engines and Hugging Face (default: cpu)")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
 
@@ -388,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         if min(args.repeat, args.new_tokens, args.batch, args.prompt_tokens) < 1:
             raise InputError("--repeat, --new-tokens, --batch and --prompt-tokens must be >= 1")
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        if args.sweep and (args.backend, args.device) != ("onnxruntime", "cpu"):
+            raise InputError("--sweep measures ONNX Runtime on the CPU only; drop --backend/--device")
         if args.sweep:
             names = [x.strip() for x in args.plans.split(",") if x.strip()] if args.plans else None
             if args.sweep == "budgets" and names:
@@ -402,12 +423,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.plans:
             raise InputError("--plans goes with --sweep")
+        if args.backend == "tensorrt":
+            require("tensorrt")
         baselines = {b.strip() for b in args.baseline.split(",") if b.strip()}
         unknown = baselines - {"unpruned", "hf"}
         if unknown:
             raise InputError(f"--baseline takes unpruned and/or hf, got {sorted(unknown)}")
         report = bench(args.artifact, baselines, args.prompt_tokens, args.new_tokens, args.batch, args.repeat,
-                       log=log, rebuild=args.rebuild)
+                       log=log, rebuild=args.rebuild, backend=args.backend, device=args.device)
         if args.plot:
             plot(report, args.plot)
         if args.json:

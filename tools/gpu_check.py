@@ -2,7 +2,9 @@
 
 After `pip install -e '.[gpu,dev]'` on a CUDA host it builds TensorRT engines of the builtin models for every
 preset in fp32 and fp16, runs `btp-check` on each (torch vs ONNX Runtime vs the TensorRT engines, and the
-pipeline's greedy tokens end to end), runs the test suite's `gpu` tests (`pytest -m gpu`: the reference on CUDA
+pipeline's greedy tokens end to end), times each model's fp32 `btp` artifact with `btp-bench` on ONNX Runtime's CUDA
+provider and on the TensorRT engines (against its unpruned twin and Hugging Face on the GPU), runs the test
+suite's `gpu` tests (`pytest -m gpu`: the reference on CUDA
 against Hugging Face on CUDA, ONNX Runtime's CUDA binding, the engines against ONNX Runtime), and writes one JSON
 report. Nothing here has run yet: the project's machines have no GPU.
 """
@@ -68,6 +70,28 @@ def build_and_check(model: str, preset: str, dtype: str, root: Path, log) -> dic
     return entry
 
 
+def bench_on_gpu(entry: dict, log) -> list[dict]:
+    """`btp-bench` of one artifact with each GPU backend available here: its ratios and times, or the error."""
+    from btp.tools.bench import bench
+
+    backends = ["tensorrt"]
+    if "CUDAExecutionProvider" in (require("onnxruntime").get_available_providers()):
+        backends.insert(0, "onnxruntime")
+    out = []
+    for backend in backends:
+        row = {"artifact": entry["artifact"], "backend": backend}
+        try:
+            report = bench(entry["artifact"], {"unpruned", "hf"}, 64, 32, 1, 5, log=log, backend=backend,
+                           device="cuda")
+            row.update(ttft_ms={k: report[k]["ttft_ms"] for k in ("pruned", "unpruned", "hf")},
+                       ratios=report["ratios"])
+        except Exception as err:  # noqa: BLE001 - report it and go on with the next backend
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        log(f"bench {entry['model']} {backend}: {'error' if 'error' in row else 'done'}")
+        out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="btp-gpu-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="build/gpu-check.json", help="the JSON report (default: %(default)s)")
@@ -76,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default=",".join(PRESETS))
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--no-pytest", action="store_true", help="skip `pytest -m gpu`")
+    p.add_argument("--no-bench", action="store_true", help="skip the btp-bench runs")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
 
@@ -83,17 +108,21 @@ def main(argv: list[str] | None = None) -> int:
         require_device("cuda")  # a one-line DependencyError (exit 2) on a machine without one
         require("tensorrt")
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-        report = {"environment": environment(), "artifacts": [], "pytest_gpu": None}
+        report = {"environment": environment(), "artifacts": [], "bench": [], "pytest_gpu": None}
         for model in args.models.split(","):
             for preset in args.presets.split(","):
                 for dtype in args.dtypes.split(","):
-                    report["artifacts"].append(build_and_check(model, preset, dtype, Path(args.work), log))
+                    entry = build_and_check(model, preset, dtype, Path(args.work), log)
+                    report["artifacts"].append(entry)
+                    if (preset, dtype) == ("btp", "float32") and "error" not in entry and not args.no_bench:
+                        report["bench"] += bench_on_gpu(entry, log)
         if not args.no_pytest:
             proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs"], capture_output=True,
                                   text=True)
             report["pytest_gpu"] = {"returncode": proc.returncode, "tail": proc.stdout.splitlines()[-15:]}
         report["passed"] = all(a.get("passed") for a in report["artifacts"]) and (
-            report["pytest_gpu"] is None or report["pytest_gpu"]["returncode"] == 0)
+            report["pytest_gpu"] is None or report["pytest_gpu"]["returncode"] == 0) and not any(
+            "error" in b for b in report["bench"])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
         log(f"wrote {args.out}: {'PASS' if report['passed'] else 'FAIL'}")

@@ -2,8 +2,11 @@
 
 import json
 
+import pytest
+import torch
 from PIL import Image
 
+from btp.runtime.dependencies import importable
 from btp.tools import bench
 
 
@@ -38,6 +41,21 @@ def test_bench_reports_ratios_against_unpruned_and_hugging_face(artifact, tmp_pa
 def test_bench_bad_baseline_exits_2(artifact, capsys):
     assert bench.main([str(artifact("btp")), "--baseline", "trt"]) == 2
     assert "--baseline takes unpruned and/or hf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--backend", "tensorrt"], "tensorrt is not installed"),
+    (["--device", "cuda"], "device cuda: torch"),
+    (["--sweep", "presets", "--device", "cuda:0"], "--sweep measures ONNX Runtime on the CPU only"),
+])
+def test_bench_backend_and_device_it_cannot_use_exit_2(artifact, capsys, args, message):
+    if "cuda" in " ".join(args) and "--sweep" not in args and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    if "tensorrt" in args and importable("tensorrt"):
+        pytest.skip("tensorrt is importable here")
+    assert bench.main([str(artifact("btp")), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("btp-bench: error: ") and message in err[0]
 
 
 def test_sweep_presets_measures_each_plan(artifact, tmp_path, capsys):
