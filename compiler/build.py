@@ -18,8 +18,17 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from btp.runtime.dependencies import require
-from btp.runtime.errors import BtpError
-from btp.runtime.manifest import ARTIFACT_FORMAT, MANIFEST, BuildOptions, GraphInfo, Manifest, TensorInfo, file_table
+from btp.runtime.errors import ArtifactError, BtpError
+from btp.runtime.manifest import (
+    ARTIFACT_FORMAT,
+    MANIFEST,
+    BuildOptions,
+    GraphInfo,
+    Manifest,
+    TensorInfo,
+    file_table,
+    read_manifest,
+)
 from btp.runtime.tensorrt_backend import tensorrt_version
 
 from .assemble import build_graphs
@@ -77,11 +86,27 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
+def _check_out(out: Path, force: bool, model: str = "") -> None:
+    """OUT may be created, or replaced with `force` when it is a btp artifact or an empty directory: never the
+    model's own directory, one inside it or one holding it, and never any other directory (`--force` deletes)."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
         raise BuildError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"{out} exists and is not a directory")
+    if out.is_symlink() or not out.is_dir():
+        raise BuildError(f"{out} exists and is not a directory; --force replaces only a btp artifact or an empty "
+                         "directory")
+    if model and not model.startswith("builtin:") and Path(model).expanduser().exists():
+        src, dst = Path(model).expanduser().resolve(), out.resolve()
+        if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
+            raise BuildError(f"{out}: --force would replace the model's own files ({model}); choose another -o")
+    if not any(out.iterdir()):
+        return
+    try:
+        read_manifest(out, verify=False)
+    except ArtifactError as err:
+        raise BuildError(f"{out} is not a btp artifact ({str(err).split(': ', 1)[-1]}); --force replaces only a btp "
+                         "artifact or an empty directory, so nothing was deleted") from err
 
 
 def _check_limits(cfg: BuildConfig, image_tokens: int) -> None:
@@ -124,7 +149,7 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
             raise BuildError(f"--timing-cache is TensorRT's; this build's backend is {backend}")
         if Path(cfg.timing_cache).is_dir():
             raise BuildError(f"--timing-cache {cfg.timing_cache}: expected a file (made if missing), found a directory")
-    _check_out(out, cfg.force)
+    _check_out(out, cfg.force, cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype)
     plan = resolve_plan(cfg.plan, model)
     _check_limits(cfg, model.image_tokens)

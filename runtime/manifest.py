@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -126,7 +127,9 @@ def read_manifest(root: str | Path, verify: bool = True) -> Manifest:
     except ValidationError as err:
         e = err.errors()[0]
         raise ArtifactError(f"{path}: invalid manifest at {'.'.join(map(str, e['loc']))}: {e['msg']}") from err
+    _check_paths(root, manifest)
     if verify:
+        _check_closed_world(root, manifest)
         for rel, info in manifest.files.items():
             p = root / rel
             if not p.is_file():
@@ -134,3 +137,45 @@ def read_manifest(root: str | Path, verify: bool = True) -> Manifest:
             if p.stat().st_size != info.size or sha256_file(p) != info.sha256:
                 raise ArtifactError(f"{p}: contents differ from {MANIFEST} (sha256 mismatch); rebuild the artifact")
     return manifest
+
+
+def _relative(root: Path, rel: str, what: str) -> str:
+    """`rel` if it is a normalised relative POSIX path inside the artifact, else `ArtifactError` naming it."""
+    p = PurePosixPath(rel)
+    if not rel or rel.startswith("/") or "\\" in rel or p.is_absolute() or ".." in p.parts or p.as_posix() != rel \
+            or rel in (".", MANIFEST):
+        raise ArtifactError(f"{root / MANIFEST}: {what} {rel!r} must be a relative path inside the artifact "
+                            "(no absolute path, no '..', normalised)")
+    return rel
+
+
+def _check_paths(root: Path, manifest: Manifest) -> None:
+    """Every path the manifest names stays inside the artifact, and every file the loader reads is listed."""
+    for rel in manifest.files:
+        _relative(root, rel, "listed file")
+    listed = set(manifest.files)
+    named = [(f"graph {n}'s file", g.file) for n, g in manifest.graphs.items()]
+    named += [(f"graph {n}'s engine", e) for n, e in manifest.engines.items()]
+    for what, rel in named:
+        _relative(root, rel, what)
+        if rel not in listed:
+            raise ArtifactError(f"{root / rel}: {what} is not listed in {MANIFEST} files, so it cannot be verified")
+    proc = _relative(root, manifest.processor, "processor directory")
+    if not any(f.startswith(f"{proc}/") for f in listed):
+        raise ArtifactError(f"{root / proc}: the processor directory has no file listed in {MANIFEST}")
+
+
+def _check_closed_world(root: Path, manifest: Manifest) -> None:
+    """No symbolic link anywhere in the artifact, and no file the manifest does not list (a file added to
+    processor/, such as a chat template, would change every prompt without failing a checksum)."""
+    listed = set(manifest.files) | {MANIFEST}
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in [*dirnames, *filenames]:
+            p = here / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                raise ArtifactError(f"{p}: a symbolic link inside the artifact; btp artifacts hold plain files only")
+            if name in filenames and rel not in listed:
+                raise ArtifactError(f"{p}: not listed in {MANIFEST}; an artifact holds only the files it lists "
+                                    "(remove it, or rebuild the artifact)")
