@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from .chain import ChainSpec
 from .dependencies import require, require_device
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 from .manifest import read_manifest
 from .onnxruntime_backend import OrtEngine, SessionOptions
 
@@ -59,6 +60,9 @@ def load_pipeline(cls, path, backend: str, device: str, threads: int, optimizati
     if backend not in BACKENDS:
         raise ArtifactError(f"backend must be one of {', '.join(BACKENDS)} for this artifact, got {backend!r}")
     require_device(device)
+    cores = os.cpu_count() or 1
+    if not isinstance(threads, int) or not 0 <= threads <= cores:
+        raise InputError(f"threads must be 0 (ONNX Runtime's choice) to {cores} (this machine's cores), got {threads}")
     manifest = read_manifest(root, verify=verify)
     use_trt = _use_tensorrt(backend, manifest, root)
     options = SessionOptions(intra_op_threads=threads, optimization=optimization)

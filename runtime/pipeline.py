@@ -105,6 +105,28 @@ class TextStream:
             yield text[len(shown):]
 
 
+# Images larger or more elongated than this are refused before any resize: a processor that scales the shortest
+# edge to its input size turns a 100000x1 image of a few hundred bytes into gigabytes.
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_ASPECT_RATIO = 20.0
+
+
+def check_image_size(size, what: str = "image") -> None:
+    """`InputError` for an image `size` (width, height) that is empty, over `MAX_IMAGE_PIXELS` or more elongated
+    than `MAX_ASPECT_RATIO`; None passes (not a PIL image: the processor judges it)."""
+    if size is None:
+        return
+    w, h = size
+    if w < 1 or h < 1:
+        raise InputError(f"{what}: expected a non-empty image, got {w}x{h}")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise InputError(f"{what}: {w}x{h} is {w * h} pixels, more than the {MAX_IMAGE_PIXELS} accepted "
+                         "(btp.runtime.pipeline.MAX_IMAGE_PIXELS)")
+    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise InputError(f"{what}: {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.0f}:1, more than the "
+                         f"{MAX_ASPECT_RATIO:g}:1 accepted (btp.runtime.pipeline.MAX_ASPECT_RATIO)")
+
+
 class Pipeline:
     """Chains `engines` (keyed by graph name: vision, embed, stage*, prune*, head) per `spec`.
 
@@ -153,6 +175,8 @@ class Pipeline:
             if found != 1:
                 raise InputError(f"prompt {i}: expected exactly one {self.image_token} placeholder, found {found}")
             texts.append(text)
+        for i, image in enumerate(images):
+            check_image_size(getattr(image, "size", None), f"image {i}")
         try:
             enc = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
         except Exception as err:  # the processor is third-party code: any failure here is about the input
@@ -260,6 +284,10 @@ class Pipeline:
         """Yield the next token of every row `[B]` (pad for rows already finished)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        built = getattr(getattr(self, "manifest", None), "build", None)
+        if built is not None and max_new_tokens > built.max_new_tokens:
+            raise InputError(f"max_new_tokens {max_new_tokens} exceeds the artifact's bound {built.max_new_tokens} "
+                             "(btp-compile --max-new-tokens)")
         length = inp.input_ids.shape[1]
         if length + max_new_tokens > self.spec.max_positions:
             raise InputError(f"prompt too long: {length} prompt tokens + {max_new_tokens} new tokens exceed the "

@@ -16,7 +16,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="image file (any format Pillow reads)")
     p.add_argument("--prompt", required=True, help="question; wrapped in the model's chat template unless it "
                    "already holds the <image> placeholder")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, help="longest answer (default: 64, or the artifact's bound if lower)")
     p.add_argument("--backend", default="auto", help="auto, onnxruntime or tensorrt (default: auto: TensorRT engines "
                    "where the artifact has them and tensorrt imports, else ONNX Runtime)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu; TensorRT engines run on cuda)")
@@ -28,13 +28,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def open_image(path: str):
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    from btp.runtime.pipeline import check_image_size
+
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                check_image_size(im.size, path)  # before decoding: a few hundred bytes can declare gigapixels
+                return im.convert("RGB")
     except FileNotFoundError as err:
         raise InputError(f"{path}: no such image file") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InputError(f"{path}: refused as a decompression bomb ({str(err).splitlines()[0][:120]})") from err
     except (UnidentifiedImageError, OSError) as err:
         raise InputError(f"{path}: not a readable image ({type(err).__name__})") from err
 
@@ -45,15 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         pipe = Pipeline.load(args.artifact, backend=args.backend, device=args.device, threads=args.threads)
         image = open_image(args.image)
+        bound = pipe.manifest.build.max_new_tokens
+        new_tokens = args.max_new_tokens if args.max_new_tokens is not None else min(64, bound)
         if args.json:
-            out = pipe.generate([image], [args.prompt], max_new_tokens=args.max_new_tokens)
+            out = pipe.generate([image], [args.prompt], max_new_tokens=new_tokens)
             doc = {"text": out.texts[0], "token_ids": out.token_ids[0],
                    "kept_indices": {s.prune: k for s, k in zip(pipe.spec.prunes, out.kept_indices[0])},
                    "timings": out.timings}
             print(json.dumps(doc))
             kept = out.kept_indices[0]
         else:
-            stream = pipe.stream(image, args.prompt, max_new_tokens=args.max_new_tokens)
+            stream = pipe.stream(image, args.prompt, max_new_tokens=new_tokens)
             started = False
             for piece in stream:
                 if not started:  # the answer's first token usually carries the space after "ASSISTANT:"

@@ -126,3 +126,46 @@ def test_force_may_fill_an_empty_directory(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     _check_out(empty, force=True, model="builtin:tiny-llava")  # no error: nothing to lose
+
+
+# ------------------------------------------------------------------ inputs bounded before work
+@pytest.mark.parametrize(("size", "message"), [
+    ((100000, 1), "aspect ratio of 100000:1"),
+    ((2000, 1), "aspect ratio of 2000:1"),
+    ((9000, 9000), "more than the 64000000 accepted"),
+])
+def test_hostile_image_sizes_are_refused_before_any_decode(tmp_path, capsys, artifact, size, message):
+    """A few hundred bytes of PNG can declare a huge or extremely elongated image; the CLI refuses it from the
+    header, before Pillow decodes it or the processor resizes it."""
+    from PIL import Image
+
+    from btp.tools import run
+
+    path = tmp_path / "hostile.png"
+    Image.new("L", size).save(path, optimize=True)
+    assert path.stat().st_size < 200_000
+    assert run.main([str(artifact("btp")), "--image", str(path), "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("btp-run: error: ") and message in err[0]
+
+
+def test_pipeline_refuses_elongated_images_too(artifact):
+    from PIL import Image
+
+    from btp.runtime import InputError
+
+    pipe = Pipeline.load(artifact("btp"))
+    with pytest.raises(InputError, match="image 0: 500x10 has an aspect ratio of 50:1"):
+        pipe.generate([Image.new("RGB", (500, 10))], ["Hi"], max_new_tokens=1)
+
+
+def test_threads_and_new_tokens_beyond_their_bounds_are_input_errors(artifact, capsys):
+    import os
+
+    from btp.tools import run
+
+    art = str(artifact("btp"))
+    assert run.main([art, "--image", "tools/data/sample.png", "--prompt", "Hi", "--threads", "1000000"]) == 2
+    assert f"threads must be 0 (ONNX Runtime's choice) to {os.cpu_count()}" in capsys.readouterr().err
+    assert run.main([art, "--image", "tools/data/sample.png", "--prompt", "Hi", "--max-new-tokens", "65"]) == 2
+    assert "max_new_tokens 65 exceeds the artifact's bound 64" in capsys.readouterr().err
