@@ -113,9 +113,7 @@ MAX_ASPECT_RATIO = 20.0
 
 def check_image_size(size, what: str = "image") -> None:
     """`InputError` for an image `size` (width, height) that is empty, over `MAX_IMAGE_PIXELS` or more elongated
-    than `MAX_ASPECT_RATIO`; None passes (not a PIL image: the processor judges it)."""
-    if size is None:
-        return
+    than `MAX_ASPECT_RATIO`."""
     w, h = size
     if w < 1 or h < 1:
         raise InputError(f"{what}: expected a non-empty image, got {w}x{h}")
@@ -176,7 +174,9 @@ class Pipeline:
                 raise InputError(f"prompt {i}: expected exactly one {self.image_token} placeholder, found {found}")
             texts.append(text)
         for i, image in enumerate(images):
-            check_image_size(getattr(image, "size", None), f"image {i}")
+            w, h = getattr(image, "width", None), getattr(image, "height", None)  # PIL images; arrays go on
+            if isinstance(w, int) and isinstance(h, int):
+                check_image_size((w, h), f"image {i}")
         try:
             enc = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
         except Exception as err:  # the processor is third-party code: any failure here is about the input
