@@ -284,10 +284,9 @@ class Pipeline:
         """Yield the next token of every row `[B]` (pad for rows already finished)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        built = getattr(getattr(self, "manifest", None), "build", None)
-        if built is not None and max_new_tokens > built.max_new_tokens:
-            raise InputError(f"max_new_tokens {max_new_tokens} exceeds the artifact's bound {built.max_new_tokens} "
-                             "(btp-compile --max-new-tokens)")
+        if self.manifest is not None and max_new_tokens > self.manifest.build.max_new_tokens:
+            raise InputError(f"max_new_tokens {max_new_tokens} exceeds the artifact's bound "
+                             f"{self.manifest.build.max_new_tokens} (btp-compile --max-new-tokens)")
         length = inp.input_ids.shape[1]
         if length + max_new_tokens > self.spec.max_positions:
             raise InputError(f"prompt too long: {length} prompt tokens + {max_new_tokens} new tokens exceed the "

@@ -66,7 +66,8 @@ def cached_artifact(root: Path, manifest, plan, label: str, log=print, backend: 
         spec = str(out.parent / f"{out.name}.plan.json")
         plan.save(spec)
     compile_artifact(BuildConfig(model=manifest.model["name"], plan=spec, out=out, backend=backend,
-                                 dtype=b.dtype, opset=b.opset, force=True, tf32=bool(b.tf32),
+                                 dtype=b.dtype, opset=b.opset, force=True,
+                                 tf32=backend == "tensorrt" and b.tf32 is not False,  # None: TensorRT's default
                                  limits=Limits(b.max_batch, b.max_prompt, b.max_new_tokens)))
     return out
 

@@ -90,3 +90,20 @@ def test_sweep_bad_arguments_exit_2(artifact, capsys):
     assert "--plans with --sweep budgets takes shares" in capsys.readouterr().err
     assert bench.main([str(artifact("btp")), "--plans", "btp"]) == 2
     assert "--plans goes with --sweep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("backend", "tf32", "expected"), [
+    ("onnxruntime", True, False),  # an ONNX Runtime twin of a --tf32 TensorRT artifact takes no TF32 flag
+    ("tensorrt", True, True), ("tensorrt", False, False), ("tensorrt", None, True),  # None: built before the field
+])
+def test_the_twin_is_built_like_the_artifact(tmp_path, monkeypatch, backend, tf32, expected):
+    from types import SimpleNamespace
+
+    import btp.compiler.build as build
+
+    seen = []
+    monkeypatch.setattr(build, "compile_artifact", lambda cfg: seen.append(cfg))
+    b = SimpleNamespace(dtype="float32", opset=18, max_batch=2, max_prompt=128, max_new_tokens=8, tf32=tf32)
+    manifest = SimpleNamespace(build=b, model={"fingerprint": "f" * 16, "name": "builtin:tiny-llava"})
+    bench.unpruned_twin(tmp_path / "art", manifest, log=lambda m: None, backend=backend)
+    assert seen[0].backend == backend and seen[0].tf32 is expected
