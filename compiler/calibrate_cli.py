@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from btp.runtime.cli import run_main
+from btp.runtime.cli import check_writable, run_main
 
 from .calibrate import (
     Profile,
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(highlight=False)
 
     def body() -> int:
+        check_writable(args.out, "-o")
+        if args.plot:
+            check_writable(args.plot, "--plot")
         target = Target(tokens=args.tokens, retention=args.retention, flops=args.flops)
         with console.status(f"loading {args.model}"):
             model = load_model(args.model)

@@ -125,6 +125,44 @@ def check_image_size(size, what: str = "image") -> None:
                          f"{MAX_ASPECT_RATIO:g}:1 accepted (btp.runtime.pipeline.MAX_ASPECT_RATIO)")
 
 
+def to_rgb(image):
+    """An RGB PIL image of `image` with high-bit-depth gray scaled, not saturated (Pillow's `convert("RGB")`
+    clips it to white): 16-bit modes (`I;16*`) map 0..65535 to 0..255; 32-bit `I` does the same when its values
+    lie in 0..65535 (Pillow opens 16-bit PNGs as `I;16` or `I` depending on its version), else maps its min..max
+    to 0..255; float `F` is scaled by 255 when it lies in 0..1, else clipped to 0..255. Other modes convert as
+    Pillow does. Always a new image."""
+    import numpy as np
+    from PIL import Image
+
+    mode = image.mode
+    if not (mode.startswith("I") or mode == "F"):
+        return image.convert("RGB")
+    a = np.asarray(image)
+    if mode == "F":
+        a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        gray = a * 255 if a.size and a.min() >= 0 and a.max() <= 1 else a
+        gray = np.clip(np.rint(gray), 0, 255)
+    else:
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo >= 0 and hi <= 65535:  # 16-bit data, whatever container Pillow chose
+            gray = (a.astype(np.uint32) * 255 + 32767) // 65535
+        else:
+            gray = np.rint((a.astype(np.float32) - lo) * (255 / max(hi - lo, 1)))
+    return Image.fromarray(gray.astype(np.uint8)).convert("RGB")  # [H,W] uint8 -> L
+
+
+def check_prompt_text(prompt: str, what: str = "prompt") -> None:
+    """`InputError` for a prompt holding lone surrogates: bytes that were not UTF-8 (Python decodes such a
+    command-line argument with surrogate escapes), which the tokenizer cannot take."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        c = ord(prompt[err.start])
+        found = f"the byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"the lone surrogate U+{c:04X}"
+        raise InputError(f"{what}: not valid UTF-8 text: expected UTF-8, found {found} at character "
+                         f"{err.start}") from err
+
+
 class Pipeline:
     """Chains `engines` (keyed by graph name: vision, embed, stage*, prune*, head) per `spec`.
 
@@ -168,17 +206,21 @@ class Pipeline:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise InputError(f"prompt {i}: expected a string, got {type(p).__name__}")
+            check_prompt_text(p, f"prompt {i}")
             text = self.prompt_text(p)
             found = text.count(self.image_token)
             if found != 1:
                 raise InputError(f"prompt {i}: expected exactly one {self.image_token} placeholder, found {found}")
             texts.append(text)
+        images = list(images)
         for i, image in enumerate(images):
             w, h = getattr(image, "width", None), getattr(image, "height", None)  # PIL images; arrays go on
             if isinstance(w, int) and isinstance(h, int):
                 check_image_size((w, h), f"image {i}")
+                if isinstance(getattr(image, "mode", None), str):  # the processor's convert saturates 16-bit gray
+                    images[i] = to_rgb(image)
         try:
-            enc = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
+            enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
         except Exception as err:  # the processor is third-party code: any failure here is about the input
             first = (str(err).strip().splitlines() or [""])[0][:200]
             raise InputError(f"cannot preprocess the images: {type(err).__name__}: {first}") from err

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from btp.runtime import Pipeline
-from btp.runtime.cli import run_main
+from btp.runtime.cli import check_writable, run_main
 from btp.runtime.dependencies import require, require_device
 from btp.runtime.errors import InputError
 from btp.runtime.manifest import read_manifest
@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        if args.plot:
+            check_writable(args.plot, "--plot")
         require("onnxruntime")
         if min(args.repeat, args.new_tokens, args.batch, args.prompt_tokens) < 1:
             raise InputError("--repeat, --new-tokens, --batch and --prompt-tokens must be >= 1")

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from btp.runtime.cli import run_main
+from btp.runtime.cli import check_writable, run_main
 from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError, PlanError
 
@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        if args.plot:
+            check_writable(args.plot, "--plot")
         require("onnxruntime")
         plans = [x.strip() for x in args.plans.split(",") if x.strip()]
         if not plans:

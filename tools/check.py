@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from btp.runtime import Pipeline
-from btp.runtime.cli import run_main
+from btp.runtime.cli import check_writable, run_main
 from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError
 from btp.runtime.manifest import read_manifest
@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         import warnings
 
+        if args.save:
+            check_writable(args.save, "--save", directory=True, parents=True)
         images, prompts = _samples(args)
         import contextlib
 

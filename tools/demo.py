@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from btp.runtime.cli import run_main
+from btp.runtime.cli import check_writable, run_main
 
 from .samples import TOY_ANSWER, TOY_QUESTION, toy_plan_path, toy_scene
 
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from .run import open_image
 
+        if args.explain:
+            check_writable(args.explain, "--explain")
         plan = args.plan or (str(toy_plan_path()) if args.model == DEMO_MODEL else "btp")
         image = open_image(args.image) if args.image else toy_scene()
         with console.status(f"loading {args.model}"):

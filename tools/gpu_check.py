@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from btp.runtime.cli import run_main
+from btp.runtime.cli import check_writable, run_main
 from btp.runtime.dependencies import importable, require, require_device
 
 MODELS = ("builtin:tiny-llava", "builtin:toy-vlm")
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        check_writable(args.out, "--out", parents=True)
         require_device("cuda")  # a one-line DependencyError (exit 2) on a machine without one
         require("tensorrt")
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

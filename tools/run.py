@@ -7,7 +7,8 @@ import json
 import sys
 
 from btp.runtime import InputError, Pipeline
-from btp.runtime.cli import run_main
+from btp.runtime.cli import check_writable, run_main
+from btp.runtime.pipeline import check_image_size, check_prompt_text, to_rgb
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,18 +29,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def open_image(path: str):
+    """The image file at `path` as RGB (high-bit-depth scaled by `to_rgb`), its size checked before decoding;
+    `InputError` for a missing, unreadable or oversized file."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
-
-    from btp.runtime.pipeline import check_image_size
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 check_image_size(im.size, path)  # before decoding: a few hundred bytes can declare gigapixels
-                return im.convert("RGB")
+                return to_rgb(im)
     except FileNotFoundError as err:
         raise InputError(f"{path}: no such image file") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -52,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
-        pipe = Pipeline.load(args.artifact, backend=args.backend, device=args.device, threads=args.threads)
+        if args.explain:
+            check_writable(args.explain, "--explain")
+        check_prompt_text(args.prompt, "--prompt")  # bad input fails before the artifact is loaded
         image = open_image(args.image)
+        pipe = Pipeline.load(args.artifact, backend=args.backend, device=args.device, threads=args.threads)
         bound = pipe.manifest.build.max_new_tokens
         new_tokens = args.max_new_tokens if args.max_new_tokens is not None else min(64, bound)
         if args.json:

@@ -40,6 +40,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from btp.runtime.cli import check_writable, run_main
+from btp.runtime.errors import InputError
+
 from . import toy_task
 
 BUILTIN = "toy-vlm"
@@ -569,27 +572,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=0, help="report accuracy on a test subset every N steps")
     p.add_argument("--eval-samples", type=int, default=120, help="test subset size for --eval-every")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     console = Console()
+
+    def body() -> int:
+        _check_args(args)
+        check_writable(args.out, "--out", directory=True, parents=True)
+        return _train_and_save(args, argv, console)
+
+    return run_main(body, args.debug, "btp-train-toy")
+
+
+def _check_args(args) -> None:
+    """`InputError` for settings out of range, before any training."""
     if min(args.steps, args.batch, args.turns, args.threads, args.test_samples, args.vision_batch) < 1:
-        Console(stderr=True).print("error: --steps, --batch, --turns, --threads, --test-samples and --vision-batch "
-                                   "must be >= 1")
-        return 2
+        raise InputError("--steps, --batch, --turns, --threads, --test-samples and --vision-batch must be >= 1")
     counts = {"--vision-steps": args.vision_steps, "--aux": args.aux, "--object-aux": args.object_aux,
               "--count-aux": args.count_aux, "--colour-aux": args.colour_aux}
     if bad := {k: v for k, v in counts.items() if v < 0}:
-        Console(stderr=True).print(f"error: {', '.join(counts)} must be >= 0, got {bad}")
-        return 2
+        raise InputError(f"{', '.join(counts)} must be >= 0, got {bad}")
     from btp.compiler.builtins import BUILTINS
 
     layers = BUILTINS[BUILTIN].layers
     if not (1 <= args.object_layer <= layers and 1 <= args.colour_layer <= layers):
-        Console(stderr=True).print(f"error: --object-layer and --colour-layer name a text layer, 1 to {layers}; got "
-                                   f"{args.object_layer} and {args.colour_layer}")
-        return 2
+        raise InputError(f"--object-layer and --colour-layer name a text layer, 1 to {layers}; got "
+                         f"{args.object_layer} and {args.colour_layer}")
     if args.test_samples > toy_task.TEST_SIZE or args.eval_samples > toy_task.TEST_SIZE:
-        Console(stderr=True).print(f"error: the test split has {toy_task.TEST_SIZE} samples")
-        return 2
+        raise InputError(f"the test split has {toy_task.TEST_SIZE} samples, got --test-samples {args.test_samples} "
+                         f"and --eval-samples {args.eval_samples}")
+
+
+def _train_and_save(args, argv, console: Console) -> int:
+    """Train, report the test accuracy and save the model, the processor and `training.json` to `args.out`."""
     spec, model, processor, params, train_s, loss = train(args, console)
     start = time.perf_counter()
     test = toy_task.make_split("test", args.test_samples)

@@ -3,11 +3,14 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from btp.compiler import reference_pipeline
 from btp.runtime import InputError
+from btp.runtime.pipeline import to_rgb
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +160,43 @@ def test_unusable_images_give_one_line_input_errors(pipe, bad):
     with pytest.raises(InputError) as err:
         pipe.generate([bad()], ["What is shown?"], max_new_tokens=1)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: Image.fromarray(np.full((6, 8), 32768, np.uint16)), 128),  # I;16
+        (lambda: Image.new("I;16B", (8, 6), 32768), 128),
+        (lambda: Image.fromarray(np.full((6, 8), 65535, np.int32)), 255),  # I holding 16-bit data
+        (lambda: Image.fromarray(np.full((6, 8), 0.5, np.float32)), 128),  # F in 0..1
+        (lambda: Image.fromarray(np.full((6, 8), 300.0, np.float32)), 255),  # F beyond 0..1: clipped
+        (lambda: Image.fromarray(np.full((6, 8), 64.0, np.float32)), 64),
+    ],
+)
+def test_high_bit_depth_gray_is_scaled_not_saturated(make, expected):
+    rgb = to_rgb(make())
+    assert rgb.mode == "RGB" and rgb.size == (8, 6)
+    assert np.asarray(rgb).min() == np.asarray(rgb).max() == expected
+
+
+def test_32_bit_gray_beyond_16_bits_spans_its_range():
+    values = np.array([[-100000, 0, 100000]], np.int32)
+    assert np.asarray(to_rgb(Image.fromarray(values)))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_prepare_scales_a_16_bit_png_like_8_bit_mid_gray(pipe, tmp_path):
+    Image.fromarray(np.full((40, 48), 32768, np.uint16)).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode in ("I;16", "I")
+        deep = pipe.prepare([im], ["What is shown?"]).pixel_values
+    gray = pipe.prepare([Image.new("RGB", (48, 40), (128, 128, 128))], ["What is shown?"]).pixel_values
+    white = pipe.prepare([Image.new("RGB", (48, 40), (255, 255, 255))], ["What is shown?"]).pixel_values
+    assert torch.allclose(deep, gray) and not torch.allclose(deep, white)
+
+
+@pytest.mark.parametrize(("bad", "found"), [("hi \udcff there", "the byte 0xff at character 3"),
+                                            ("\ud800", "the lone surrogate U+D800 at character 0")])
+def test_non_utf8_prompt_is_an_input_error_naming_the_prompt(pipe, images, bad, found):
+    with pytest.raises(InputError) as err:
+        pipe.prepare(images, ["What is shown?", bad])
+    assert str(err.value) == f"prompt 1: not valid UTF-8 text: expected UTF-8, found {found}"

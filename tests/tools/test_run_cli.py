@@ -1,7 +1,10 @@
 """`btp-run`: answers, JSON, the explain figure, and one-line errors with exit code 2."""
 
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -60,3 +63,34 @@ def test_missing_image_is_a_usage_error(art, capsys):
     with pytest.raises(SystemExit) as err:
         run.main([art, "--prompt", "What is shown?"])
     assert err.value.code == 2 and "--image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "array", "expected"),
+    [
+        ("g16.png", np.full((40, 48), 32768, np.uint16), 128),  # Pillow opens it as I;16 (or I, by version)
+        ("i32.tif", np.full((40, 48), 32768, np.int32), 128),
+        ("f32.tif", np.full((40, 48), 0.5, np.float32), 128),
+    ],
+)
+def test_open_image_scales_high_bit_depth_instead_of_saturating(tmp_path, name, array, expected):
+    Image.fromarray(array).save(tmp_path / name)
+    image = run.open_image(str(tmp_path / name))
+    assert image.mode == "RGB" and image.size == (48, 40)
+    assert np.asarray(image).min() == np.asarray(image).max() == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([b"--image", SAMPLE.encode(), b"--prompt", b"What is \xff shown?"],
+         "--prompt: not valid UTF-8 text: expected UTF-8, found the byte 0xff at character 8"),
+        ([b"--image", b"README.md", b"--prompt", b"Hi"], "README.md: not a readable image"),
+    ],
+)
+def test_bad_input_in_a_real_process_is_one_line_on_stderr(art, args, message):
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"btp.tools.run", art.encode(), *args,
+                           b"--max-new-tokens", b"2"], capture_output=True, timeout=120)
+    err = proc.stderr.decode("utf-8", "replace").splitlines()
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert len(err) == 1 and err[0].startswith("btp-run: error: ") and message in err[0]
