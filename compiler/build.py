@@ -7,9 +7,9 @@ interrupted build leaves nothing that `Pipeline.load` would accept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from btp.runtime.dependencies import require
-from btp.runtime.errors import ArtifactError, BtpError
+from btp.runtime.errors import ArtifactError
 from btp.runtime.manifest import (
     ARTIFACT_FORMAT,
     MANIFEST,
@@ -35,15 +35,12 @@ from .assemble import build_graphs
 from .export import EXPORTER, Exported, Limits, export_graph
 from .models import DTYPES, load_model
 from .presets import resolve_plan
+from .publish import BuildError, build_lock, publish, remove_stale, temp_prefix
 from .trt_lint import SUPPORTED_OPSETS, lint_model
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
-
-
-class BuildError(BtpError):
-    """A build cannot start or cannot finish (OUT exists, unwritable, bad limits, lint violations)."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +146,25 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
             raise BuildError(f"--timing-cache is TensorRT's; this build's backend is {backend}")
         if Path(cfg.timing_cache).is_dir():
             raise BuildError(f"--timing-cache {cfg.timing_cache}: expected a file (made if missing), found a directory")
-    _check_out(out, cfg.force, cfg.model)
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # removed again if the build fails
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BuildError(f"cannot write the artifact next to {out}: {err.strerror or err}") from err
+    try:
+        with build_lock(out):
+            _check_out(out, cfg.force, cfg.model)
+            for p in remove_stale(out):
+                log.info("removed %s, left by a build that did not finish", p)
+            return _build(cfg, out, backend, on_graph)
+    except BaseException:
+        for p in made:  # deepest first; only directories this build made and left empty
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+def _build(cfg: BuildConfig, out: Path, backend: str, on_graph) -> BuildResult:
     model = load_model(cfg.model, dtype=cfg.dtype)
     plan = resolve_plan(cfg.plan, model)
     _check_limits(cfg, model.image_tokens)
@@ -157,8 +172,7 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
     chain = replace(chain, max_prompt=cfg.limits.max_prompt, max_batch=cfg.limits.max_batch)
 
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
         tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is an ordinary directory
     except OSError as err:
         raise BuildError(f"cannot write the artifact next to {out}: {err.strerror or err}") from err
@@ -216,7 +230,7 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
             tensorrt=trt_version,
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
-        _move_into_place(tmp, out)
+        publish(tmp, out)
         done = True
         for e in exported:
             e.path = out / "onnx" / e.path.name
@@ -227,18 +241,3 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
             shutil.rmtree(tmp, ignore_errors=True)
     return BuildResult(out, backend, exported, warnings, manifest)
 
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished build to `out`; an existing `out` (with --force) goes only after that succeeds."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / "artifact")
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        os.replace(old / "artifact", out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)

@@ -145,12 +145,19 @@ def export_graph(module: nn.Module, path: Path, *, limits: Limits, opset: int, i
     model = onnx.load(str(path), load_external_data=False)
     expand_fill_loops(model)
     _name_dims(model, spec)
+    # The bounds the graph was traced for (its rotary tables hold max_positions rows): the loader checks the
+    # manifest's bounds against these, so an edited manifest cannot promise more than the graph can do.
+    onnx.helper.set_model_props(model, {f"btp.{k}": str(v) for k, v in graph_bounds(limits).items()})
     path.write_bytes(model.SerializeToString())
     onnx.checker.check_model(str(path), full_check=False)
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
     seconds = time.perf_counter() - t0
     nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
     return Exported(spec.name, path, nodes, seconds, opset)
+
+
+def graph_bounds(limits: Limits) -> dict[str, int]:
+    return {"max_batch": limits.max_batch, "max_prompt": limits.max_prompt, "max_positions": limits.max_positions}
 
 
 def _name_dims(model, spec: GraphSpec) -> None:

@@ -17,6 +17,7 @@ from btp.runtime.errors import PlanError
 from .cost import decoder_flops
 
 FORMAT = "btp-plan/1"
+MAX_PLAN_BYTES = 1 << 20  # a plan of a thousand stages is a few hundred KiB
 
 
 class Stage(BaseModel):
@@ -126,6 +127,8 @@ class Plan(BaseModel):
             return cls.model_validate(data)
         except json.JSONDecodeError as err:
             raise PlanError(f"{source}: not valid JSON: {err}") from err
+        except RecursionError as err:
+            raise PlanError(f"{source}: expected a plan document, found JSON nested too deeply") from err
         except ValidationError as err:
             raise PlanError(f"{source}: {_first_error(err)}") from err
 
@@ -133,7 +136,9 @@ class Plan(BaseModel):
     def load(cls, path: str | Path) -> Plan:
         p = Path(path)
         try:
-            text = p.read_text()
+            if p.is_file() and p.stat().st_size > MAX_PLAN_BYTES:
+                raise PlanError(f"{p}: {p.stat().st_size} bytes, more than a plan's {MAX_PLAN_BYTES}; not a plan")
+            text = p.read_text(encoding="utf-8")
         except OSError as err:
             raise PlanError(f"cannot read plan {str(p)!r}: {err.strerror or err}") from err
         except UnicodeDecodeError as err:

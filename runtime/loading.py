@@ -9,7 +9,7 @@ from pathlib import Path
 from .chain import ChainSpec
 from .dependencies import require, require_device
 from .errors import ArtifactError, InputError
-from .manifest import read_manifest
+from .manifest import MANIFEST, read_manifest
 from .onnxruntime_backend import OrtEngine, SessionOptions
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,21 @@ def _check_io(engine, info, path: Path) -> None:
             found = types.get(t.name)
             if found is not None and str(found).removeprefix("torch.") != t.dtype:
                 raise ArtifactError(f"{path}: {kind[:-1]} {t.name} is {found}, the manifest says {t.dtype}")
+            shape = engine.shapes.get(t.name)
+            if shape is not None and (len(shape) != len(t.shape)
+                                      or any(g is not None and g != m for g, m in zip(shape, t.shape))):
+                raise ArtifactError(f"{path}: {kind[:-1]} {t.name} has shape {shape}, the manifest says {t.shape}")
+
+
+def _check_bounds(engine, manifest, path: Path) -> None:
+    """The manifest promises no more than the graph was traced for (graphs of older artifacts do not say)."""
+    b = manifest.build
+    promised = {"max_batch": b.max_batch, "max_prompt": b.max_prompt,
+                "max_positions": manifest.chain["max_positions"]}
+    for key, want in promised.items():
+        found = getattr(engine, "metadata", {}).get(f"btp.{key}")
+        if found is not None and found != str(want):
+            raise ArtifactError(f"{path}: the graph was built for {key} {found}, the manifest says {want}")
 
 
 def _check_names(engine, info, path: Path) -> None:
@@ -38,6 +53,24 @@ def _check_names(engine, info, path: Path) -> None:
         want = [t.name for t in tensors]
         if sorted(names) != sorted(want):
             raise ArtifactError(f"{path}: engine {kind} {names} disagree with the manifest's {want}")
+
+
+def _check_token_ids(manifest, processor, root: Path) -> None:
+    """The chain's token ids are the processor's: its image token, its padding token, ids inside its vocabulary."""
+    chain, tok = manifest.chain, processor.tokenizer
+    where = f"{root / MANIFEST}: chain"
+    vocab = len(tok)
+    for what, ids in (("image_token_id", [chain["image_token_id"]]), ("pad_token_id", [chain["pad_token_id"]]),
+                      ("eos_token_ids", chain["eos_token_ids"])):
+        if any(not 0 <= i < vocab for i in ids):
+            raise ArtifactError(f"{where} {what} {ids} outside the processor's vocabulary of {vocab}")
+    image_token = getattr(processor, "image_token", None)
+    if image_token is not None and tok.convert_tokens_to_ids(image_token) != chain["image_token_id"]:
+        raise ArtifactError(f"{where} image_token_id {chain['image_token_id']} is not the processor's "
+                            f"{image_token} ({tok.convert_tokens_to_ids(image_token)})")
+    if tok.pad_token_id is not None and tok.pad_token_id != chain["pad_token_id"]:
+        raise ArtifactError(f"{where} pad_token_id {chain['pad_token_id']} is not the processor's "
+                            f"({tok.pad_token_id})")
 
 
 def _use_tensorrt(backend: str, manifest, root: Path) -> bool:
@@ -55,6 +88,18 @@ def _use_tensorrt(backend: str, manifest, root: Path) -> bool:
     return available
 
 
+def _identity(root: Path):
+    """What changes when a build replaces the artifact at `root`: its directory's inode and its manifest."""
+    try:
+        st = root.stat()
+        return st.st_dev, st.st_ino, (root / MANIFEST).read_bytes()
+    except OSError:
+        return None
+
+
+ATTEMPTS = 3
+
+
 def load_pipeline(cls, path, backend: str, device: str, threads: int, optimization: str, verify: bool):
     root = Path(path)
     if backend not in BACKENDS:
@@ -63,6 +108,24 @@ def load_pipeline(cls, path, backend: str, device: str, threads: int, optimizati
     cores = os.cpu_count() or 1
     if not isinstance(threads, int) or not 0 <= threads <= cores:
         raise InputError(f"threads must be 0 (ONNX Runtime's choice) to {cores} (this machine's cores), got {threads}")
+    # A build may replace the artifact while it loads (btp-compile --force switches directories atomically): a
+    # load that saw the switch could hold graphs of both, so it is done again; an error is trusted only when the
+    # artifact did not change under it.
+    for _ in range(ATTEMPTS):
+        before = _identity(root)
+        try:
+            pipe = _load(cls, root, backend, device, threads, optimization, verify)
+        except ArtifactError:
+            if before is not None and _identity(root) != before:
+                continue
+            raise
+        if _identity(root) == before:
+            return pipe
+        log.info("%s was replaced while loading; loading it again", root)
+    raise ArtifactError(f"{root}: replaced by a build {ATTEMPTS} times while loading; load it again when builds stop")
+
+
+def _load(cls, root: Path, backend: str, device: str, threads: int, optimization: str, verify: bool):
     manifest = read_manifest(root, verify=verify)
     use_trt = _use_tensorrt(backend, manifest, root)
     options = SessionOptions(intra_op_threads=threads, optimization=optimization)
@@ -83,6 +146,7 @@ def load_pipeline(cls, path, backend: str, device: str, threads: int, optimizati
             _check_names(engine, info, file)
         else:
             _check_io(engine, info, file)
+            _check_bounds(engine, manifest, file)
         engines[name] = engine
     try:
         from transformers import AutoProcessor
@@ -90,8 +154,11 @@ def load_pipeline(cls, path, backend: str, device: str, threads: int, optimizati
         processor = AutoProcessor.from_pretrained(str(root / manifest.processor))
     except (OSError, ValueError) as err:
         raise ArtifactError(f"{root / manifest.processor}: cannot load the processor ({err})") from err
-    if getattr(processor, "tokenizer", None) is not None:
-        processor.tokenizer.padding_side = "left"
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise ArtifactError(f"{root / manifest.processor}: the processor has no tokenizer")
+    _check_token_ids(manifest, processor, root)
+    tokenizer.padding_side = "left"
     pipe = cls(engines, ChainSpec.from_dict(manifest.chain), processor, device=device)
     pipe.manifest = manifest
     log.info("loaded %s: %d graphs on %s", root, len(engines), device)

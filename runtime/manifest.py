@@ -9,13 +9,24 @@ import hashlib
 import json
 import os
 from pathlib import Path, PurePosixPath
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ArtifactError
 
 ARTIFACT_FORMAT = "btp-artifact/1"
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest of 1000 graphs is well under 1 MiB
 
 
 class TensorInfo(BaseModel):
@@ -23,9 +34,9 @@ class TensorInfo(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    dtype: str
-    shape: list[int | str]
+    name: str = Field(min_length=1)
+    dtype: str = Field(pattern=r"^(float(16|32|64)|bfloat16|u?int(8|16|32|64)|bool)$")
+    shape: list[Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1)]]
 
 
 class GraphInfo(BaseModel):
@@ -64,6 +75,55 @@ class BuildOptions(BaseModel):
     tf32: bool | None = None
 
 
+Count = Annotated[StrictInt, Field(gt=0)]
+
+
+class ModelInfo(BaseModel):
+    """What `manifest.model` must hold (`LoadedModel.summary()`); kept as a dict in the manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(min_length=1)
+    family: StrictStr = Field(min_length=1)
+    num_layers: Count
+    hidden_size: Count
+    intermediate_size: Count
+    image_tokens: Count
+    grid: list[StrictInt] = Field(min_length=2, max_length=2)
+    dtype: StrictStr
+    fingerprint: StrictStr = Field(pattern=r"^[0-9a-f]{16,128}$")
+
+
+class StageInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(min_length=1)
+    layers: list[StrictInt] = Field(min_length=1)
+    image_tokens: StrictInt = Field(ge=0)
+    prune: StrictStr | None = None
+
+
+class ChainInfo(BaseModel):
+    """What `manifest.chain` must hold (`ChainSpec.to_dict()`); kept as a dict in the manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stages: list[StageInfo] = Field(min_length=1)
+    image_tokens: Count
+    grid: list[StrictInt] = Field(min_length=2, max_length=2)
+    image_size: Count
+    image_token_id: StrictInt = Field(ge=0)
+    pad_token_id: StrictInt = Field(ge=0)
+    eos_token_ids: list[StrictInt] = Field(min_length=1)
+    hidden_size: Count
+    num_kv_heads: Count
+    head_dim: Count
+    dtype: StrictStr
+    max_positions: Count
+    max_prompt: Count
+    max_batch: Count
+
+
 class Manifest(BaseModel):
     """Everything needed to load and check an artifact directory."""
 
@@ -80,6 +140,58 @@ class Manifest(BaseModel):
     processor: str = "processor"
     engines: dict[str, str] = Field(default_factory=dict)  # graph -> engines/{graph}.engine (TensorRT builds)
     tensorrt: str | None = None  # the TensorRT version that built them
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: dict) -> dict:
+        ModelInfo.model_validate(v)
+        return v
+
+    @field_validator("chain")
+    @classmethod
+    def _chain(cls, v: dict) -> dict:
+        ChainInfo.model_validate(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        """The parts agree: the chain's graphs are the listed graphs, its bounds are the build's, and its
+        sizes are the model's."""
+        m, c, b = ModelInfo.model_validate(self.model), ChainInfo.model_validate(self.chain), self.build
+
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(what)
+
+        need(c.image_tokens == m.image_tokens and c.grid == m.grid
+             and m.grid[0] * m.grid[1] == m.image_tokens,
+             f"chain has {c.image_tokens} image tokens on a {c.grid} grid, the model {m.image_tokens} on {m.grid}")
+        need(c.hidden_size == m.hidden_size, f"chain hidden_size {c.hidden_size} differs from the model's "
+             f"{m.hidden_size}")
+        need(c.dtype == b.dtype, f"chain dtype {c.dtype} differs from the build's {b.dtype}")
+        need(min(b.max_batch, b.max_prompt, b.max_new_tokens) > 0, "build bounds must be > 0")
+        need((c.max_prompt, c.max_batch) == (b.max_prompt, b.max_batch),
+             f"chain bounds (max_prompt {c.max_prompt}, max_batch {c.max_batch}) differ from the build's "
+             f"({b.max_prompt}, {b.max_batch})")
+        need(c.max_positions == b.max_prompt + b.max_new_tokens,
+             f"chain max_positions {c.max_positions} is not the graphs' max_prompt + max_new_tokens "
+             f"({b.max_prompt} + {b.max_new_tokens})")
+        need(b.max_prompt > c.image_tokens, f"build max_prompt {b.max_prompt} cannot hold {c.image_tokens} image "
+             "tokens and a question")
+        layers = [layer for st in c.stages for layer in st.layers]
+        need(layers == list(range(m.num_layers)), f"chain stages cover layers {layers}, expected "
+             f"0..{m.num_layers - 1} in order")
+        alive = [st.image_tokens for st in c.stages]
+        need(all(0 <= a <= c.image_tokens for a in alive) and alive == sorted(alive, reverse=True),
+             f"chain image tokens per stage {alive} must not grow and stay within {c.image_tokens}")
+        names = {"vision", "embed", "head"} | {st.name for st in c.stages} | {st.prune for st in c.stages if st.prune}
+        need(set(self.graphs) == names, f"graphs {sorted(self.graphs)} differ from the chain's {sorted(names)}")
+        need(not self.engines or set(self.engines) == set(self.graphs),
+             f"engines {sorted(self.engines)} differ from graphs {sorted(self.graphs)}")
+        need((b.backend == "tensorrt") == bool(self.engines) and (self.tensorrt is not None) == bool(self.engines),
+             f"build backend {b.backend!r} disagrees with {len(self.engines)} engines and tensorrt "
+             f"{self.tensorrt!r}")
+        return self
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
@@ -116,17 +228,27 @@ def read_manifest(root: str | Path, verify: bool = True) -> Manifest:
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; {root} is not a complete btp artifact")
     try:
-        data = json.loads(path.read_text())
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{path}: {path.stat().st_size} bytes, more than a manifest's "
+                                f"{MAX_MANIFEST_BYTES}; not a btp manifest")
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except RecursionError as err:
+        raise ArtifactError(f"{path}: unreadable manifest (JSON nested too deeply)") from err
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{path}: unreadable manifest ({err})") from err
     found = data.get("format") if isinstance(data, dict) else None
     if found != ARTIFACT_FORMAT:
         raise ArtifactError(f"{path}: unknown artifact format {found!r}, expected {ARTIFACT_FORMAT!r}")
     try:
-        manifest = Manifest.model_validate(data)
+        manifest = Manifest.model_validate_json(text, strict=True)  # "4" is not 4, [4] is not 4
     except ValidationError as err:
         e = err.errors()[0]
-        raise ArtifactError(f"{path}: invalid manifest at {'.'.join(map(str, e['loc']))}: {e['msg']}") from err
+        where = ".".join(map(str, e["loc"])) or "top level"
+        msg = e["msg"].removeprefix("Value error, ")
+        raise ArtifactError(f"{path}: invalid manifest at {where}: {msg}") from err
+    except RecursionError as err:
+        raise ArtifactError(f"{path}: invalid manifest (nested too deeply)") from err
     _check_paths(root, manifest)
     if verify:
         _check_closed_world(root, manifest)
@@ -134,9 +256,45 @@ def read_manifest(root: str | Path, verify: bool = True) -> Manifest:
             p = root / rel
             if not p.is_file():
                 raise ArtifactError(f"{p}: missing (listed in {MANIFEST})")
-            if p.stat().st_size != info.size or sha256_file(p) != info.sha256:
+            try:
+                same = p.stat().st_size == info.size and sha256_file(p) == info.sha256
+            except OSError as err:
+                raise ArtifactError(f"{p}: cannot read it ({err.strerror or err})") from err
+            if not same:
                 raise ArtifactError(f"{p}: contents differ from {MANIFEST} (sha256 mismatch); rebuild the artifact")
+        _check_external_data(root, manifest)
     return manifest
+
+
+def _tensors(graph):
+    """Every TensorProto of an ONNX graph: initializers and tensor attributes, subgraphs (Loop, If) included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            yield from ([a.t] if a.HasField("t") else []) + list(a.tensors)
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(g)
+
+
+def _check_external_data(root: Path, manifest: Manifest) -> None:
+    """Weights an ONNX graph keeps in external files are read from listed files inside the artifact only."""
+    import onnx
+
+    listed = set(manifest.files)
+    for name, info in manifest.graphs.items():
+        try:
+            model = onnx.load(str(root / info.file), load_external_data=False)
+        except Exception as err:  # noqa: BLE001 - onnx raises its own and protobuf's types for a bad file
+            raise ArtifactError(f"{root / info.file}: not a readable ONNX graph ({type(err).__name__})") from err
+        base = PurePosixPath(info.file).parent
+        for t in _tensors(model.graph):
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            rel = (base / loc).as_posix() if loc and not loc.startswith("/") and "\\" not in loc else loc
+            if ".." in PurePosixPath(loc).parts or rel not in listed:
+                raise ArtifactError(f"{root / info.file}: tensor {t.name} of graph {name} reads external data "
+                                    f"{loc!r}, which is not a file listed inside the artifact")
 
 
 def _relative(root: Path, rel: str, what: str) -> str:

@@ -93,6 +93,9 @@ class OrtEngine:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_types = {i.name: _ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
         self.output_types = {o.name: _ORT_TYPES.get(o.type) for o in self.session.get_outputs()}
+        # Each dim as the graph declares it: an int, a symbolic name, or None where the graph says nothing.
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.shapes = {t.name: list(t.shape) for t in [*self.session.get_inputs(), *self.session.get_outputs()]}
         self._ort_device = "cuda" if self.device.type == "cuda" else "cpu"
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
