@@ -124,6 +124,24 @@ class ChainInfo(BaseModel):
     max_batch: Count
 
 
+def _found(e: dict) -> str:
+    """", found X" for a validation error `e` about a value (not for a missing one)."""
+    if e["type"] == "missing" or "input" not in e:
+        return ""
+    found = repr(e["input"])
+    return f", found {found if len(found) <= 40 else found[:37] + '...'}"
+
+
+def _typed(kind: type[BaseModel], v: dict) -> dict:
+    """`v` if it is a valid `kind`, else a ValueError naming the first broken field inside it."""
+    try:
+        kind.model_validate(json.loads(json.dumps(v)), strict=True)  # as read from JSON: tuples are lists
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, e['loc']))}: {e['msg']}{_found(e)}") from None
+    return v
+
+
 class Manifest(BaseModel):
     """Everything needed to load and check an artifact directory."""
 
@@ -144,14 +162,12 @@ class Manifest(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, v: dict) -> dict:
-        ModelInfo.model_validate(v)
-        return v
+        return _typed(ModelInfo, v)
 
     @field_validator("chain")
     @classmethod
     def _chain(cls, v: dict) -> dict:
-        ChainInfo.model_validate(v)
-        return v
+        return _typed(ChainInfo, v)
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -244,8 +260,11 @@ def read_manifest(root: str | Path, verify: bool = True) -> Manifest:
         manifest = Manifest.model_validate_json(text, strict=True)  # "4" is not 4, [4] is not 4
     except ValidationError as err:
         e = err.errors()[0]
-        where = ".".join(map(str, e["loc"])) or "top level"
-        msg = e["msg"].removeprefix("Value error, ")
+        # Union members and validators add their own names to the location ('constrained-int'): drop them.
+        where = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and "-" in p and p[:1].islower()
+                                                           and p.split("-")[0] in ("constrained", "function"))) \
+            or "top level"
+        msg = e["msg"].removeprefix("Value error, ") + ("" if e["type"] == "value_error" else _found(e))
         raise ArtifactError(f"{path}: invalid manifest at {where}: {msg}") from err
     except RecursionError as err:
         raise ArtifactError(f"{path}: invalid manifest (nested too deeply)") from err
