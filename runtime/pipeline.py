@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -68,20 +68,52 @@ class Inputs:
     image_start: torch.Tensor  # [B] int64
 
 
+# Called after every graph runs with its name, feeds and outputs (name-keyed tensors): how checks and calibration
+# see inside the chain without patching engines.
+GraphObserver = Callable[[str, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], None]
+
+
+@dataclass
+class Step:
+    """One step of generation: the next token of every row `[B]` (pad for rows already finished), the fp32-or-
+    model-dtype logits `[B,V]` it was chosen from, the kept grid indices per prune stage (`[B,k]`, fixed after
+    prefill) and the call's running timings."""
+
+    index: int
+    token: torch.Tensor
+    logits: torch.Tensor
+    kept: list[torch.Tensor]
+    timings: dict[str, float]
+
+
+@dataclass
+class _Call:
+    """Per-call state threaded through the graphs: timings and the observer."""
+
+    times: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    on_graph: GraphObserver | None = None
+    timed: bool = True  # prefill graphs are timed one by one; decode steps as a whole
+
+
 class TextStream:
     """Iterate for the pieces of one streamed answer; `kept_indices` (per prune stage, grid positions) and
     `timings` are filled once prefill has run."""
 
-    def __init__(self, pipe: Pipeline, inp: Inputs, max_new_tokens: int, sampling: tuple):
-        self.timings: dict[str, float] = defaultdict(float)
+    def __init__(self, pipe: Pipeline, steps: Iterator[Step]):
+        self.timings: dict[str, float] = {}
         self._kept: list[torch.Tensor] = []  # filled by prefill
         self._pipe = pipe
-        self._tokens = pipe._tokens(inp, max_new_tokens, *sampling, self.timings, None, self._kept)
+        self._steps = steps
         self.token_ids: list[int] = []
 
     @property
     def kept_indices(self) -> list[list[int]]:
         return [k[0].tolist() for k in self._kept]
+
+    def _tokens(self) -> Iterator[torch.Tensor]:
+        for step in self._steps:
+            self._kept, self.timings = step.kept, step.timings
+            yield step.token
 
     def __iter__(self) -> Iterator[str]:
         tok = self._pipe.processor.tokenizer
@@ -89,7 +121,7 @@ class TextStream:
         # Decode a window that restarts after each newline, so each token costs the line, not the answer.
         window: list[int] = []
         shown = text = ""
-        for token in self._tokens:
+        for token in self._tokens():
             t = int(token[0])
             self.token_ids.append(t)
             window.append(t)
@@ -254,14 +286,17 @@ class Pipeline:
         return Inputs(ids.to(dev), mask.to(dev), pixels.to(dev, self.spec.torch_dtype), start.to(dev))
 
     # ----------------------------------------------------------------------------------------- running
-    def _run(self, name: str, feeds: dict[str, torch.Tensor], times: dict[str, float] | None) -> dict:
+    def _run(self, name: str, feeds: dict[str, torch.Tensor], call: _Call) -> dict:
         engine = self.engines[name]
         t0 = time.perf_counter()
-        out = engine.run({k: feeds[k] for k in engine.input_names})
-        if times is not None:
+        feeds = {k: feeds[k] for k in engine.input_names}
+        out = engine.run(feeds)
+        if call.timed:
             if self.device.type == "cuda":  # the graph's time, not its enqueue time
                 torch.cuda.synchronize(self.device)
-            times[name] += (time.perf_counter() - t0) * 1e3
+            call.times[name] += (time.perf_counter() - t0) * 1e3
+        if call.on_graph is not None:
+            call.on_graph(name, feeds, out)
         return out
 
     def _empty_past(self, layers: Sequence[int], batch: int) -> dict[str, torch.Tensor]:
@@ -269,11 +304,11 @@ class Pipeline:
         empty = torch.zeros(shape, dtype=self.spec.torch_dtype, device=self.device)
         return {f"past_key_values.{i}.{kind}": empty for i in layers for kind in ("key", "value")}
 
-    def _prefill(self, inp: Inputs, max_new: int, times: dict[str, float]):
+    def _prefill(self, inp: Inputs, max_new: int, call: _Call):
         """Run the prefill chain -> (logits [B,V], per-stage states, kept grid indices per prune)."""
         spec, b = self.spec, inp.input_ids.shape[0]
-        feats = self._run("vision", {"pixel_values": inp.pixel_values}, times)["image_features"]
-        h = self._run("embed", {"input_ids": inp.input_ids, "image_features": feats}, times)["inputs_embeds"]
+        feats = self._run("vision", {"pixel_values": inp.pixel_values}, call)["image_features"]
+        h = self._run("embed", {"input_ids": inp.input_ids, "image_features": feats}, call)["inputs_embeds"]
         mask = inp.attention_mask
         pos = (mask.cumsum(-1) - 1).clamp_min(0)  # pads get 0, as Hugging Face does
         last_position = pos[:, -1]  # decode continues from the unpruned length
@@ -283,47 +318,49 @@ class Pipeline:
             if layout.prune is not None:
                 feeds = {"hidden_states": h, "position_ids": pos, "attention_mask": mask,
                          "scores": scores, "image_start": inp.image_start}
-                out = self._run(layout.prune, feeds, times)
+                out = self._run(layout.prune, feeds, call)
                 h, pos, mask = out["pruned_hidden_states"], out["pruned_position_ids"], out["pruned_attention_mask"]
                 grid = grid.gather(1, out["keep_indices"])
                 kept.append(grid)
             feeds = {"inputs_embeds": h, "position_ids": pos, "attention_mask": mask,
                      **self._empty_past(layout.layers, b)}
-            out = self._run(layout.name, feeds, times)
+            out = self._run(layout.name, feeds, call)
             h, scores = out["hidden_states"], out.get("scores")
             cache = {k.replace("present.", "past_key_values.", 1): v
                      for k, v in out.items() if k.startswith("present.")}
             stage_mask = torch.ones((b, mask.shape[1] + max_new), dtype=torch.int64, device=self.device)
             stage_mask[:, : mask.shape[1]] = mask
             states.append(_StageState(layout, cache, stage_mask, mask.shape[1]))
-        logits = self._run("head", {"hidden_states": h}, times)["logits"]
+        logits = self._run("head", {"hidden_states": h}, call)["logits"]
         return logits, states, kept, last_position
 
-    def prefill(self, images: Sequence, prompts: Sequence[str]) -> Prefill:
-        """Run only the prefill chain (for inspection and checks)."""
-        times: dict[str, float] = defaultdict(float)
-        logits, states, kept, _ = self._prefill(self.prepare(images, prompts), 0, times)
-        return Prefill(logits, {st.layout.name: st.cache for st in states}, kept, dict(times))
+    def prefill(self, images: Sequence, prompts: Sequence[str], on_graph: GraphObserver | None = None) -> Prefill:
+        """Run only the prefill chain (for inspection and checks); `on_graph` sees every graph's feeds and
+        outputs."""
+        call = _Call(on_graph=on_graph)
+        logits, states, kept, _ = self._prefill(self.prepare(images, prompts), 0, call)
+        return Prefill(logits, {st.layout.name: st.cache for st in states}, kept, dict(call.times))
 
     def _decode_step(self, token: torch.Tensor, position: torch.Tensor, states: list[_StageState],
-                     no_image: torch.Tensor) -> torch.Tensor:
+                     no_image: torch.Tensor, call: _Call) -> torch.Tensor:
         """One token for every row: `token [B]`, `position [B]` -> logits `[B,V]`; caches grow by one."""
-        h = self._run("embed", {"input_ids": token[:, None], "image_features": no_image}, None)["inputs_embeds"]
+        h = self._run("embed", {"input_ids": token[:, None], "image_features": no_image}, call)["inputs_embeds"]
         pos = position[:, None]
         for st in states:
             st.length += 1
             feeds = {"inputs_embeds": h, "position_ids": pos, "attention_mask": st.mask[:, : st.length], **st.cache}
-            out = self._run(st.layout.name, feeds, None)
+            out = self._run(st.layout.name, feeds, call)
             h = out["hidden_states"]
             for k in st.cache:
                 st.cache[k] = out[k.replace("past_key_values.", "present.", 1)]
-        return self._run("head", {"hidden_states": h}, None)["logits"]
+        return self._run("head", {"hidden_states": h}, call)["logits"]
 
-    def _tokens(
-        self, inp: Inputs, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, seed: int,
-        times: dict[str, float], logits_out: list | None, kept_out: list, min_new_tokens: int = 0,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row `[B]` (pad for rows already finished)."""
+    def steps(
+        self, inp: Inputs, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+        top_p: float = 1.0, seed: int = 0, min_new_tokens: int = 0, on_graph: GraphObserver | None = None,
+    ) -> Iterator[Step]:
+        """The one generation loop: prefill, then a `Step` per new token until every row has hit EOS or
+        `max_new_tokens`. `inp` comes from `prepare`; `generate` and `stream` consume this."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if self.manifest is not None and max_new_tokens > self.manifest.build.max_new_tokens:
@@ -337,16 +374,17 @@ class Pipeline:
         gen = torch.Generator(device=self.device).manual_seed(seed) if do_sample else None
         spec = self.spec
         eos = torch.tensor(spec.eos_token_ids or [-1], device=self.device)
+        call = _Call(on_graph=on_graph)
+        times = call.times
         t0 = time.perf_counter()
-        logits, states, kept, last_pos = self._prefill(inp, max_new_tokens, times)
-        kept_out.extend(kept)
+        logits, states, kept, last_pos = self._prefill(inp, max_new_tokens, call)
+        call.timed = False
         b = logits.shape[0]
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         no_image = torch.zeros((b, 0, spec.hidden_size), dtype=spec.torch_dtype, device=self.device)
         position = last_pos
         for step in range(max_new_tokens):
-            if logits_out is not None:
-                logits_out.append(logits)
+            scored = logits
             if step < min_new_tokens and spec.eos_token_ids:  # EOS may not end the answer yet
                 logits = logits.index_fill(1, eos, float("-inf"))
             token = next_tokens(logits, do_sample, temperature, top_p, gen)
@@ -354,12 +392,12 @@ class Pipeline:
             if step == 0:
                 times["ttft_ms"] = (time.perf_counter() - t0) * 1e3
                 t_decode = time.perf_counter()
-            yield token
+            yield Step(step, token, scored, kept, times)
             done = done | torch.isin(token, eos)
             if step + 1 == max_new_tokens or bool(done.all()):
                 break
             position = position + 1
-            logits = self._decode_step(token, position, states, no_image)
+            logits = self._decode_step(token, position, states, no_image, call)
         steps = step  # decode steps actually run after the first token
         elapsed = time.perf_counter() - t_decode
         times["decode_tokens_per_s"] = steps * b / elapsed if steps and elapsed > 0 else 0.0
@@ -375,21 +413,25 @@ class Pipeline:
         seed: int = 0,
         output_logits: bool = False,
         min_new_tokens: int = 0,
+        on_graph: GraphObserver | None = None,
     ) -> GenerateOutput:
         """Answer one prompt per image. Greedy by default; `do_sample` draws with `temperature`/`top_p`
         from a generator seeded with `seed`. Rows stop at EOS (the EOS id is kept in `token_ids`), but not
-        before `min_new_tokens` tokens (EOS is masked until then, as in Hugging Face's `generate`)."""
+        before `min_new_tokens` tokens (EOS is masked until then, as in Hugging Face's `generate`).
+        `on_graph(name, feeds, outputs)` sees every graph run, prefill and decode."""
         inp = self.prepare(images, prompts)
-        times: dict[str, float] = defaultdict(float)
-        logits: list[torch.Tensor] | None = [] if output_logits else None
+        logits: list[torch.Tensor] = []
         kept: list[torch.Tensor] = []
+        times: dict[str, float] = {}
         b = inp.input_ids.shape[0]
         rows: list[list[int]] = [[] for _ in range(b)]
         finished = [False] * b
         eos = set(self.spec.eos_token_ids)
-        for token in self._tokens(inp, max_new_tokens, do_sample, temperature, top_p, seed, times, logits, kept,
-                                  min_new_tokens):
-            for r, t in enumerate(token.tolist()):
+        for step in self.steps(inp, max_new_tokens, do_sample, temperature, top_p, seed, min_new_tokens, on_graph):
+            kept, times = step.kept, step.timings
+            if output_logits:
+                logits.append(step.logits)
+            for r, t in enumerate(step.token.tolist()):
                 if not finished[r]:
                     rows[r].append(t)
                     finished[r] = t in eos
@@ -402,18 +444,20 @@ class Pipeline:
             prompt_ids=prompt_ids,
             kept_indices=kept_rows,
             timings=dict(times),
-            logits=logits or [],
+            logits=logits,
         )
 
     def stream(self, image, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
-               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> TextStream:
+               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+               on_graph: GraphObserver | None = None) -> TextStream:
         """Stream the answer to one prompt piece by piece as tokens arrive (same arguments as `generate`).
 
         The input is checked here, before the first token; the returned `TextStream` is iterated for text and
         holds `kept_indices` and `timings` once prefill has run."""
         inp = self.prepare([image], [prompt])
         check_sampling(temperature, top_p)
-        return TextStream(self, inp, max_new_tokens, (do_sample, temperature, top_p, seed))
+        return TextStream(self, self.steps(inp, max_new_tokens, do_sample, temperature, top_p, seed,
+                                           on_graph=on_graph))
 
     @classmethod
     def load(cls, path, backend: str = "auto", device: str = "cpu", threads: int = 0, optimization: str = "all",

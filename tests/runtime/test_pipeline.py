@@ -124,6 +124,31 @@ def test_stream_yields_the_generated_text(pipe, images):
     assert "".join(pieces) == out.texts[0]
 
 
+def test_generate_and_stream_are_one_step_loop_seen_by_the_observer(pipe, images):
+    """`steps` is the loop both consume; `on_graph` sees every graph of prefill and of each decode step, with
+    the feeds each graph declares and the outputs it made."""
+    seen = []
+
+    def observe(name, feeds, outputs):
+        assert list(feeds) == pipe.engines[name].input_names
+        assert set(outputs) == set(pipe.engines[name].output_names)
+        seen.append(name)
+
+    out = pipe.generate(images[:1], ["What is shown?"], max_new_tokens=3, output_logits=True, on_graph=observe)
+    n = len(out.token_ids[0])
+    prefill = ["vision", "embed"] + [g for s in pipe.spec.stages for g in ([s.prune] if s.prune else []) + [s.name]]
+    decode = ["embed"] + [s.name for s in pipe.spec.stages]
+    assert seen == prefill + ["head"] + (decode + ["head"]) * (n - 1)
+    steps = list(pipe.steps(pipe.prepare(images[:1], ["What is shown?"]), max_new_tokens=3))
+    assert [int(s.token[0]) for s in steps] == out.token_ids[0]
+    assert all(torch.equal(s.logits, lg) for s, lg in zip(steps, out.logits))
+    assert [k[0].tolist() for k in steps[-1].kept] == out.kept_indices[0]
+    stream = pipe.stream(images[0], "What is shown?", max_new_tokens=3, on_graph=lambda *a: seen.append(a[0]))
+    seen.clear()
+    assert "".join(stream) == out.texts[0] and stream.kept_indices == out.kept_indices[0]
+    assert seen == prefill + ["head"] + (decode + ["head"]) * (n - 1)
+
+
 def test_concurrent_generate_calls_match_sequential(pipe, images, assert_concurrent_calls_match_sequential):
     assert_concurrent_calls_match_sequential(pipe, images)
 
