@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -292,5 +291,3 @@ def _no_progress_bars():
         if was:
             hf_logging.enable_progress_bar()
 
-
-BUILDERS: dict[str, Callable[[], tuple]] = {name: (lambda n=name: build_builtin(n)) for name in BUILTINS}

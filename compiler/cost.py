@@ -1,4 +1,4 @@
-"""The cost model of BTP.md section 5: FLOPs and KV-cache bytes per decoder layer."""
+"""The cost model of BTP.md section 5: FLOPs of a decoder layer and of the vision tower."""
 
 from __future__ import annotations
 
@@ -7,11 +7,6 @@ def decoder_flops(tokens: int, hidden_size: int, intermediate_size: int) -> floa
     """FLOPs of one decoder layer over `tokens` tokens: `4 n d^2 + 2 n^2 d + 3 n d m` (the paper's formula)."""
     n, d, m = tokens, hidden_size, intermediate_size
     return 4.0 * n * d * d + 2.0 * n * n * d + 3.0 * n * d * m
-
-
-def kv_cache_bytes(tokens: int, kv_heads: int, head_dim: int, bytes_per_value: int) -> int:
-    """KV-cache bytes of one layer holding `tokens` tokens: `2 n kv_heads head_dim bytes`."""
-    return 2 * tokens * kv_heads * head_dim * bytes_per_value
 
 
 def vision_flops(patches: int, width: int, mlp_width: int, layers: int, patch_pixels: int, text_width: int,

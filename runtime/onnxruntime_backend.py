@@ -49,10 +49,6 @@ class SessionOptions:
     spinning: bool = False
 
 
-def available_providers() -> list[str]:
-    return require("onnxruntime").get_available_providers()
-
-
 class OrtEngine:
     """One graph in ONNX Runtime. `device` is where its inputs and outputs live (cpu or cuda:N)."""
 
