@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from btp.runtime.errors import PlanError
 
 from .plan import FORMAT, ModelInfo, Plan, Stage, _first_error
+from .schedule import _round, last_keep
 
 # The published schedule on 32 layers: (first reduced layer, keep fraction of N0, attention share of keep,
 # rho, lambda). Spatial seeds N0/4 at the first stage when the grid is square.
@@ -22,10 +23,9 @@ _BTP_KEEP = (1 / 2, 1 / 4, 1 / 12, 0.0)
 _BTP_ATTENTION = (0.3, 0.9, 1.0, 0.0)
 _BTP_RHO = (3.7, 1.5, 1.2, 1.0)
 _BTP_LAMBDA = (0.6, 0.8, 1.0, None)
-
-
-def _round(x: float) -> int:
-    return int(math.floor(x + 0.5))
+# PDrop: cuts at a quarter, half and three quarters of the depth, halving the image tokens each time.
+_PDROP_DEPTH = (1 / 4, 1 / 2, 3 / 4)
+_PDROP_KEEP = (1 / 2, 1 / 4, 1 / 8)
 
 
 def _layers(fractions: list[float], num_layers: int) -> list[int]:
@@ -108,14 +108,11 @@ def at_budget(name: str, info: ModelInfo, share: float) -> Plan:
     if name == "btp":
         return btp_budget(info, share)
     if name == "pdrop":
-        layers = _layers([1 / 4, 1 / 2, 3 / 4], info.num_layers)
-        fractions = (1 / 2, 1 / 4, 1 / 8)
-        scale = _scale_for(info, layers, fractions, share, "pdrop")
-        keeps = [min(n0 - 1, _round(f * n0 * scale)) for f in fractions]
-        stages = [{"layer": layer, "keep": k, "attention": k} for layer, k in zip(layers, keeps)]
+        return pdrop(info, _scale_for(info, _layers(list(_PDROP_DEPTH), info.num_layers), _PDROP_KEEP, share,
+                                      "pdrop"), share)
     elif name in ("fastv", "divprune"):
-        layer = 0 if name == "divprune" else _layers([2 / 32], info.num_layers)[0]
-        keep = _round((target * info.num_layers - layer * n0) / (info.num_layers - layer))
+        layer = 0 if name == "divprune" else _fastv_layer(info)
+        keep = last_keep(n0, [layer], [], info.num_layers, target)
         if not 0 < keep < n0:
             lo = layer / info.num_layers
             raise PlanError(f"{name} at a layer-averaged share of {share:g} is out of reach on a model with "
@@ -129,21 +126,30 @@ def at_budget(name: str, info: ModelInfo, share: float) -> Plan:
 
 def _average_keep(info: ModelInfo, layer: int, target: float) -> int:
     """Keep count for one stage at `layer` that brings the layer average to `target` image tokens."""
-    n0, depth = info.image_tokens, info.num_layers
-    return max(0, min(n0, _round((target * depth - layer * n0) / (depth - layer))))
+    return max(0, min(info.image_tokens, last_keep(info.image_tokens, [layer], [], info.num_layers, target)))
+
+
+def _fastv_layer(info: ModelInfo) -> int:
+    return _layers([2 / 32], info.num_layers)[0]
 
 
 def fastv(info: ModelInfo) -> Plan:
-    layer = _layers([2 / 32], info.num_layers)[0]
+    layer = _fastv_layer(info)
     keep = _average_keep(info, layer, _btp_average(info))
     return _plan(info, [{"layer": layer, "keep": keep, "attention": keep}], "preset:fastv")
 
 
-def pdrop(info: ModelInfo) -> Plan:
-    layers = _layers([1 / 4, 1 / 2, 3 / 4], info.num_layers)
-    keeps = [info.image_tokens // 2 ** (i + 1) for i in range(3)]
+def pdrop(info: ModelInfo, scale: float | None = None, share: float | None = None) -> Plan:
+    """PDrop's schedule: halving at each cut (`N0 // 2**i`), or with `scale` its keep shares scaled."""
+    n0 = info.image_tokens
+    layers = _layers(list(_PDROP_DEPTH), info.num_layers)
+    keeps = ([n0 // 2 ** (i + 1) for i in range(len(layers))] if scale is None
+             else [min(n0 - 1, _round(f * n0 * scale)) for f in _PDROP_KEEP])
     stages = [{"layer": layer, "keep": k, "attention": k} for layer, k in zip(layers, keeps)]
-    return _plan(info, stages, "preset:pdrop")
+    plan = _plan(info, stages, "preset:pdrop")
+    if share is not None:
+        plan = plan.model_copy(update={"calibration": {"method": f"preset:pdrop@{share:g}"}})
+    return plan
 
 
 def divprune(info: ModelInfo) -> Plan:

@@ -136,6 +136,14 @@ def _layer_tokens(n0: int, layers: list[int], keeps: list[int], num_layers: int)
     return counts
 
 
+def last_keep(n0: int, layers: Sequence[int], keeps: Sequence[int], num_layers: int, target_tokens: float) -> int:
+    """The keep of the last stage (at `layers[-1]`, after stages keeping `keeps`, one fewer than `layers`) that
+    brings the layer-averaged image tokens nearest `target_tokens`; unclamped. The one keep solver of presets
+    and calibration."""
+    fixed = sum(_layer_tokens(n0, list(layers), [*keeps, 0], num_layers))
+    return _round((target_tokens * num_layers - fixed) / (num_layers - layers[-1]))
+
+
 def stage_keeps(n0: int, layers: list[int], num_layers: int, *, ratio: float = 0.5, target_tokens: float | None = None,
                 floor: int = 0, cost: Callable[[list[int]], float] | None = None,
                 target_cost: float | None = None) -> list[int]:
@@ -167,8 +175,7 @@ def stage_keeps(n0: int, layers: list[int], num_layers: int, *, ratio: float = 0
         if not avg_lo - _EPS <= target_tokens <= avg_hi + _EPS:
             raise ValueError(f"stage_keeps: target_tokens {target_tokens:g} is unreachable: the layer average "
                              f"ranges from {avg_lo:g} to {avg_hi:g} (last keep {lo}..{hi})")
-        fixed = sum(tokens(0))
-        last = _round((target_tokens * num_layers - fixed) / (num_layers - layers[-1]))
+        last = last_keep(n0, layers, keeps, num_layers, target_tokens)
         return [*keeps, min(hi, max(lo, last))]
     if cost is not None:
         c_lo, c_hi = cost(tokens(lo)), cost(tokens(hi))
