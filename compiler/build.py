@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from btp.runtime.dependencies import require
-from btp.runtime.errors import ArtifactError
+from btp.runtime.errors import ArtifactError, BuildError
 from btp.runtime.manifest import (
     ARTIFACT_FORMAT,
     MANIFEST,
@@ -35,7 +35,7 @@ from .assemble import build_graphs
 from .export import EXPORTER, Exported, Limits, export_graph
 from .models import DTYPES, load_model
 from .presets import resolve_plan
-from .publish import BuildError, build_lock, publish, remove_stale, temp_prefix
+from .publish import build_lock, publish, remove_stale, temp_prefix
 from .trt_lint import SUPPORTED_OPSETS, lint_model
 
 log = logging.getLogger(__name__)

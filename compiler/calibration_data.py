@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from btp.runtime.errors import InputError
+from btp.runtime.errors import DataError
 
 PROMPTS = "prompts.jsonl"
 PLACEHOLDER = "<image>"
@@ -29,10 +29,6 @@ GRID = 3
 POSITIONS = ("top left", "top middle", "top right", "middle left", "centre", "middle right",
              "bottom left", "bottom middle", "bottom right")
 RELATIONS = ("left of", "right of", "above", "below")
-
-
-class DataError(InputError):
-    """The calibration data is missing or malformed; the message names the file and line."""
 
 
 @dataclass(frozen=True)

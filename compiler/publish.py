@@ -21,14 +21,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from btp.runtime.errors import BtpError
+from btp.runtime.errors import BuildError
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
-
-
-class BuildError(BtpError):
-    """A build cannot start or cannot finish (OUT exists, unwritable, bad limits, lint violations)."""
 
 
 def lock_path(out: Path) -> Path:

@@ -4,13 +4,24 @@ Imports no other `btp` package: an app that only runs engines needs neither trac
 """
 
 from .chain import ChainSpec, Engine, StageLayout
-from .errors import ArtifactError, BtpError, DependencyError, InputError, ModelError, PlanError
+from .errors import (
+    ArtifactError,
+    BtpError,
+    BuildError,
+    DataError,
+    DependencyError,
+    InputError,
+    ModelError,
+    PlanError,
+)
 from .pipeline import GenerateOutput, Inputs, Pipeline, Prefill, TextStream
 
 __all__ = [
     "ArtifactError",
     "BtpError",
+    "BuildError",
     "ChainSpec",
+    "DataError",
     "DependencyError",
     "Engine",
     "GenerateOutput",

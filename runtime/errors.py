@@ -1,4 +1,5 @@
-"""The typed error hierarchy shared by every package; CLIs print one line and exit with code 2."""
+"""The typed error hierarchy shared by every package: every error the tool raises for bad input is a `BtpError`
+defined here, and nowhere else. CLIs print one line and exit with code 2 (see `btp.runtime.cli`)."""
 
 
 class BtpError(Exception):
@@ -17,8 +18,16 @@ class ArtifactError(BtpError):
     """An artifact directory is missing, incomplete, tampered with or of an unknown format."""
 
 
+class BuildError(BtpError):
+    """A build cannot start or cannot finish (OUT exists, unwritable, bad limits, lint violations)."""
+
+
 class InputError(BtpError):
     """An image or prompt the model cannot take."""
+
+
+class DataError(InputError):
+    """The calibration data is missing or malformed; the message names the file and line."""
 
 
 class DependencyError(BtpError):
