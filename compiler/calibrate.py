@@ -326,3 +326,89 @@ def search(model, start: Genome, target: Target, text_tokens: int, samples: Sequ
                 break
     plan, d = plans[best]
     return SearchResult(best, plan, d, len(plans), [(g, s) for g, s in seen.items() if s < math.inf])
+
+
+# ------------------------------------------------------------------------------------------------ calibrate
+Phase = Callable[[str, int, int], None]  # (phase, done, total): "statistics", "reference outputs", "search"
+
+
+@dataclass
+class Calibration:
+    """What `calibrate` made. `plan`: the chosen plan, its `calibration` block the run's statistics (validated);
+    `baseline`: the plan the distortion report compares it with, the rule's (`origin` "rule") or, when the rule's
+    boundaries cannot reach the target and the search starts earlier, that start's ("start"); `report`: the
+    distortion per plan name (`origin`, and "search"); `notes`: what a user should read (one line each)."""
+
+    plan: Plan
+    baseline: Plan
+    origin: str
+    profile: Profile
+    report: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def _report(model, plan: Plan, cal, held, ref_cal: Reference, ref_held: Reference | None, batch_size: int) -> dict:
+    out = {"layers": [s.layer for s in plan.stages], "keeps": [s.keep for s in plan.stages],
+           "average_tokens": plan.average_image_tokens(),
+           "calibration": distortion(model, plan, cal, ref_cal, batch_size)}
+    if held:
+        out["heldout"] = distortion(model, plan, held, ref_held, batch_size)
+    return out
+
+
+def calibrate(model, samples: Sequence[Sample], target: Target, method: str = "drift", heldout: float = 0.25,
+              tau: float = 0.93, stages: int = 4, lambda_start: float = 0.6, keep_last: int | None = 0,
+              budget_evals: int = 24, batch_size: int = 8, source: dict | None = None,
+              progress: Phase | None = None) -> Calibration:
+    """A plan for `model` from calibration `samples` (the last `heldout` share held out for the report): the
+    paper's rule places the boundaries from the drift profile; `method` "search" then searches boundaries,
+    budgets and attention shares for the least distortion under the same `target` (without one, at the rule's
+    layer-averaged tokens). `keep_last` image tokens survive to the end (None: N0/16). `source` (where the samples
+    came from) is recorded in the plan's `calibration` block. What `btp-calibrate` runs."""
+    from .calibration_data import split
+
+    if method not in ("drift", "search"):
+        raise InputError(f"calibration method: expected 'drift' or 'search', got {method!r}")
+    step = progress or (lambda phase, done, total: None)
+    cal, held = split(list(samples), heldout)
+    floor = max(1, model.image_tokens // 16) if keep_last is None else keep_last
+    profile = collect_profile(model, cal, tau, batch_size, lambda d, t: step("statistics", d, t))
+    text = round(profile.text_tokens)
+    start = rule_genome(profile, stages, lambda_start)
+    origin, notes = "rule", []
+    if method == "search":
+        # The search may move the boundaries; when the rule's are too late for the target, it starts from the
+        # nearest earlier ones that reach it (the rule's plan is then not made).
+        moved = reachable_start(model, start, target, text, floor)
+        if moved != start:
+            notes.append(f"the rule's boundaries {list(start.layers)} cannot reach {target.describe()}; the search "
+                         f"starts from {list(moved.layers)}")
+            log.info(notes[-1])
+            origin, start = "start", moved
+    baseline = plan_from(model, start, target, text, floor)
+    step("reference outputs", 0, 2)
+    ref_cal = reference_outputs(model, cal, batch_size)
+    step("reference outputs", 1, 2)
+    ref_held = reference_outputs(model, held, batch_size) if held else None
+    step("reference outputs", 2, 2)
+    report = {origin: _report(model, baseline, cal, held, ref_cal, ref_held, batch_size)}
+    chosen = baseline
+    if method == "search":
+        # Without an explicit target the search keeps the rule's layer-averaged tokens: less distortion must not
+        # come from simply keeping more tokens.
+        goal = target if target.describe() else Target(tokens=baseline.average_image_tokens())
+        found = search(model, start, goal, text, cal, ref_cal, budget_evals, floor, batch_size,
+                       lambda d, t: step("search", d, t))
+        chosen = found.plan
+        report["search"] = _report(model, chosen, cal, held, ref_cal, ref_held, batch_size)
+        report["search"]["evaluations"] = found.evaluations
+        report["search"]["genome"] = {"ratio": found.best.ratio, "lambda_start": found.best.lambda_start}
+    calibration = {
+        "method": method, "samples": len(cal), "heldout": len(held), "tau": tau, **(source or {}),
+        "target": target.describe(), "text_tokens": profile.text_tokens,
+        "drift": [round(x, 3) for x in profile.drift], "attention": [round(x, 5) for x in profile.attention],
+        "distortion": report,
+    }
+    plan = chosen.model_copy(update={"calibration": calibration})
+    plan = Plan.parse(plan.model_dump(mode="json", by_alias=True, exclude_none=True))  # re-validated
+    return Calibration(plan, baseline, origin, profile, report, notes)

@@ -7,6 +7,7 @@ boundaries, budgets and attention shares that minimise the output distortion und
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,20 +15,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from btp.runtime.cli import check_writable, run_main
+from btp.runtime.cli import add_alias, add_common, check_writable, print_json, run_main
 
-from .calibrate import (
-    Profile,
-    Target,
-    collect_profile,
-    distortion,
-    plan_from,
-    reachable_start,
-    reference_outputs,
-    rule_genome,
-    search,
-)
-from .calibration_data import load_samples, split
+from .calibrate import Profile, Target, calibrate
+from .calibration_data import load_samples
 from .models import load_model
 from .plan import FORMAT, Plan
 from .presets import model_info
@@ -51,21 +42,29 @@ def parser() -> argparse.ArgumentParser:
                    help="keep N image tokens to the end instead of dropping them all (default N0/16)")
     p.add_argument("--method", choices=("drift", "search"), default="drift")
     p.add_argument("--budget-evals", type=int, default=24, help="plans the search may evaluate (24)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="samples per forward pass (8)")
+    add_alias(p, "--batch-size", "batch", type=int)
     p.add_argument("-o", "--out", required=True, help="plan file to write")
     p.add_argument("--plot", help="PNG of the drift/attention profile with the chosen schedule")
-    p.add_argument("--debug", action="store_true")
+    add_common(p, "print the plan, with its statistics, as one JSON object on stdout")
     return p
 
 
-def _bar(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+def _progress(bar: Progress):
+    """`calibrate`'s progress callback: one bar per phase."""
+    tasks: dict[str, int] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total)
+        bar.update(tasks[phase], completed=done)
+
+    return update
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    console = Console(highlight=False)
+    console = Console(stderr=args.json, highlight=False)  # with --json, stdout is the result alone
 
     def body() -> int:
         check_writable(args.out, "-o")
@@ -75,73 +74,42 @@ def main(argv: list[str] | None = None) -> int:
         with console.status(f"loading {args.model}"):
             model = load_model(args.model)
             samples = load_samples(args.data, args.samples, args.seed)
-        cal, held = split(samples, args.heldout)
-        n0 = model.image_tokens
-        floor = max(1, n0 // 16) if args.keep_last == -1 else args.keep_last
-        with _bar(console) as bar:
-            task = bar.add_task("statistics", total=len(cal))
-            profile = collect_profile(model, cal, args.tau, args.batch_size,
-                                      lambda d, t: bar.update(task, completed=d))
-        text = round(profile.text_tokens)
-        start = rule_genome(profile, args.stages, args.lambda_start)
-        origin = "rule"
-        if args.method == "search":
-            # The search may move the boundaries; when the rule's are too late for the target, it starts from
-            # the nearest earlier ones that reach it (the rule's plan is then not made).
-            moved = reachable_start(model, start, target, text, floor)
-            if moved != start:
-                console.print(f"the rule's boundaries {list(start.layers)} cannot reach {target.describe()}; "
-                              f"the search starts from {list(moved.layers)}")
-                origin, start = "start", moved
-        rule = plan_from(model, start, target, text, floor)
-        with _bar(console) as bar:
-            task = bar.add_task("reference outputs", total=2)
-            ref_cal = reference_outputs(model, cal, args.batch_size)
-            bar.update(task, advance=1)
-            ref_held = reference_outputs(model, held, args.batch_size) if held else None
-            bar.update(task, advance=1)
-        report = {origin: _report(model, rule, cal, held, ref_cal, ref_held, args.batch_size)}
-        chosen = rule
-        if args.method == "search":
-            # Without an explicit target the search keeps the rule's layer-averaged tokens: fewer distortion
-            # must not come from simply keeping more tokens.
-            goal = target if target.describe() else Target(tokens=rule.average_image_tokens())
-            with _bar(console) as bar:
-                task = bar.add_task("search", total=args.budget_evals)
-                result = search(model, start, goal, text, cal, ref_cal, args.budget_evals, floor, args.batch_size,
-                                lambda d, t: bar.update(task, completed=d))
-            chosen = result.plan
-            report["search"] = _report(model, chosen, cal, held, ref_cal, ref_held, args.batch_size)
-            report["search"]["evaluations"] = result.evaluations
-            report["search"]["genome"] = {"ratio": result.best.ratio, "lambda_start": result.best.lambda_start}
-        calibration = {
-            "method": args.method, "samples": len(cal), "heldout": len(held), "tau": args.tau,
-            "data": args.data, "seed": args.seed, "target": target.describe(), "text_tokens": profile.text_tokens,
-            "drift": [round(x, 3) for x in profile.drift], "attention": [round(x, 5) for x in profile.attention],
-            "distortion": report,
-        }
-        plan = chosen.model_copy(update={"calibration": calibration})
-        plan = Plan.parse(plan.model_dump(mode="json", by_alias=True, exclude_none=True))  # re-validated
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            result = calibrate(model, samples, target, args.method, args.heldout, args.tau, args.stages,
+                               args.lambda_start, None if args.keep_last == -1 else args.keep_last,
+                               args.budget_evals, args.batch, source={"data": args.data, "seed": args.seed},
+                               progress=_progress(bar))
+        plan = result.plan
         plan.save(args.out)
-        _print(console, model, plan, rule, report, text, target)
+        for note in result.notes:
+            console.print(note)
+        summary = _summary(model, plan)
+        _print(console, model, plan, result.report, summary, target)
         if args.plot:
-            plot_profile(profile, plan, rule, args.plot, "rule's plan" if origin == "rule" else "search start")
+            baseline = "rule's plan" if result.origin == "rule" else "search start"
+            plot_profile(result.profile, plan, result.baseline, args.plot, baseline)
             console.print(f"wrote {args.plot}")
         console.print(f"wrote {args.out}")
+        if args.json:
+            print_json({"out": str(args.out), "plot": args.plot, **summary, "notes": result.notes,
+                        "plan": json.loads(plan.to_json())})
         return 0
 
     return run_main(body, args.debug, "btp-calibrate")
 
 
-def _report(model, plan, cal, held, ref_cal, ref_held, batch) -> dict:
-    out = {"layers": [s.layer for s in plan.stages], "keeps": [s.keep for s in plan.stages],
-           "average_tokens": plan.average_image_tokens(), "calibration": distortion(model, plan, cal, ref_cal, batch)}
-    if held:
-        out["heldout"] = distortion(model, plan, held, ref_held, batch)
-    return out
+def _summary(model, plan: Plan) -> dict:
+    """The plan's layer-averaged image tokens and decoder FLOPs against the unpruned model's, with the calibration
+    set's mean text tokens."""
+    text = round(plan.calibration["text_tokens"])
+    d, m = model.hidden_size, model.intermediate_size
+    full = Plan(format=FORMAT, model=model_info(model)).flops(d, m, text)
+    return {"image_tokens": model.image_tokens, "layer_averaged_image_tokens": plan.average_image_tokens(),
+            "text_tokens": text, "flops_ratio": plan.flops(d, m, text) / full}
 
 
-def _print(console, model, plan: Plan, rule: Plan, report: dict, text: int, target: Target) -> None:
+def _print(console, model, plan: Plan, report: dict, summary: dict, target: Target) -> None:
     table = Table("stage", "first layer", "keep", "spatial", "attention", "diversity", "rho", "lambda",
                   title="schedule")
     for i, s in enumerate(plan.stages):
@@ -149,11 +117,9 @@ def _print(console, model, plan: Plan, rule: Plan, report: dict, text: int, targ
         table.add_row(str(i + 1), str(s.layer), str(s.keep), str(s.spatial), str(s.attention), str(s.diversity),
                       f"{s.rho:.2f}", lam)
     console.print(table)
-    d, m, n0 = model.hidden_size, model.intermediate_size, model.image_tokens
-    full = Plan(format=FORMAT, model=model_info(model)).flops(d, m, text)
-    avg = plan.average_image_tokens()
+    n0, avg = model.image_tokens, summary["layer_averaged_image_tokens"]
     console.print(f"layer-averaged image tokens {avg:.2f} of {n0} ({100 * avg / n0:.1f}%), decoder FLOPs "
-                  f"{100 * plan.flops(d, m, text) / full:.1f}% of unpruned (with {text} text tokens)"
+                  f"{100 * summary['flops_ratio']:.1f}% of unpruned (with {summary['text_tokens']} text tokens)"
                   + (f"; target {target.describe()}" if target.describe() else ""))
     dist = Table("plan", "calibration KL", "calibration cosine", "held-out KL", "held-out cosine",
                  title="distortion vs the unpruned model")

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from btp.runtime.cli import run_main
+from btp.runtime.cli import FAILED, OK, add_common, print_json, run_main, stdout_to_stderr
 from btp.runtime.dependencies import require
 
 from .build import BACKENDS, BuildConfig, compile_artifact
@@ -39,14 +39,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", type=Path, metavar="PATH", help="TensorRT timing cache shared across builds: "
                    "read if it exists, rewritten after the build (--backend tensorrt only)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--check", action="store_true", help="run btp-check on the artifact after the build")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--check", action="store_true", help="run btp-check on the artifact after the build (its bundled "
+                   "samples); exit code 1 when it finds a mismatch")
+    add_common(p, "print the build (and with --check the check's report) as one JSON object on stdout")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    console = Console(stderr=False, highlight=False)
+    console = Console(stderr=args.json, highlight=False)  # with --json, stdout is the result alone
     cfg = BuildConfig(
         model=args.model, plan=args.plan, out=args.out, backend=args.backend, dtype=args.dtype,
         limits=Limits(max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens),
@@ -70,27 +71,49 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"  exported {name:<8} {exported.nodes:>5} nodes  {exported.seconds:6.1f} s")
 
         try:
-            result = compile_artifact(cfg, on_graph)
+            with stdout_to_stderr(args.json):
+                result = compile_artifact(cfg, on_graph)
         finally:
             status.stop()
-        table = Table("graph", "nodes", "size", "seconds", title=f"{result.out} ({result.backend})")
-        files = result.manifest.files
-        for e in result.graphs:
-            size = sum(f.size for rel, f in files.items() if rel.startswith(f"onnx/{e.name}.onnx"))
-            table.add_row(e.name, str(e.nodes), _human(size), f"{e.seconds:.1f}")
-        console.print(table)
-        for w in result.warnings:
-            console.print(f"[yellow]warning:[/yellow] {w}")
-        plan = result.manifest.plan
-        stages = ", ".join(f"{s['keep']}@{s['layer']}" for s in plan.get("stages", [])) or "no pruning"
-        console.print(f"plan: {stages} (image tokens kept @ first layer); built in {time.perf_counter() - t0:.1f} s")
-        if args.check:  # a separate process: the checks live in btp.tools, which the compiler does not import
-            import subprocess
+        doc = _result(result, time.perf_counter() - t0)
+        _print(console, doc)
+        code = OK
+        if args.check:
+            # Imported here: the checks live in btp.tools, which the compiler itself does not need.
+            from btp.tools.check import default_samples, print_report, run_check
 
-            return subprocess.run([sys.executable, "-m", "btp.tools.check", str(result.out)]).returncode
-        return 0
+            images, prompts = default_samples()
+            doc["check"] = run_check(result.out, images, prompts)
+            print_report(doc["check"], console=console)
+            code = OK if doc["check"]["passed"] else FAILED
+        if args.json:
+            print_json(doc)
+        return code
 
     return run_main(body, args.debug, "btp-compile")
+
+
+def _result(result, seconds: float) -> dict:
+    """What `btp-compile --json` prints: the artifact, its backend, each graph's nodes, bytes and export time, the
+    warnings and the plan's stages."""
+    files = result.manifest.files
+    graphs = [{"name": e.name, "nodes": e.nodes, "seconds": round(e.seconds, 3),
+               "bytes": sum(f.size for rel, f in files.items() if rel.startswith(f"onnx/{e.name}.onnx"))}
+              for e in result.graphs]
+    stages = [{"layer": s["layer"], "keep": s["keep"]} for s in result.manifest.plan.get("stages", [])]
+    return {"artifact": str(result.out), "backend": result.backend, "graphs": graphs, "warnings": list(result.warnings),
+            "stages": stages, "seconds": round(seconds, 3)}
+
+
+def _print(console: Console, doc: dict) -> None:
+    table = Table("graph", "nodes", "size", "seconds", title=f"{doc['artifact']} ({doc['backend']})")
+    for g in doc["graphs"]:
+        table.add_row(g["name"], str(g["nodes"]), _human(g["bytes"]), f"{g['seconds']:.1f}")
+    console.print(table)
+    for w in doc["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    stages = ", ".join(f"{s['keep']}@{s['layer']}" for s in doc["stages"]) or "no pruning"
+    console.print(f"plan: {stages} (image tokens kept @ first layer); built in {doc['seconds']:.1f} s")
 
 
 def _human(n: int) -> str:

@@ -1,20 +1,74 @@
-"""What every btp command line shares: one-line errors and exit code 2 for bad input, `--debug` tracebacks,
-output paths checked before the work."""
+"""What every btp command line shares: exit codes, one-line errors, the shared options, JSON output, output
+paths checked before the work.
+
+Exit codes, for every `btp-*` command:
+
+- 0: done; a check or target it ran passed.
+- 1: a check or a target failed (`btp-check` found a mismatch, `btp-compile --check` too, `btp-gpu-check` had a
+  failing artifact, benchmark or test).
+- 2: bad input: a missing or malformed model, plan, artifact, image, prompt or data set, a bad option value, a
+  missing optional package or device (a `BtpError`, or an argparse usage error). One line on stderr,
+  `btp-NAME: error: what was expected, what was found`.
+- 3: internal error (a bug): one line on stderr naming the exception; `--debug` shows its traceback.
+- 130: interrupted (Ctrl-C).
+
+Options that mean the same thing are spelled the same in every command that takes them:
+
+- `--json`: print one JSON object with the command's result on stdout and nothing else there (progress, tables
+  and logs go to stderr). Every command takes it.
+- `--debug`: debug logs, and tracebacks instead of one-line errors. Every command takes it.
+- `--max-new-tokens N`: the longest answer of a run (`btp-run`, `btp-demo`, `btp-check`, `btp-bench`, which
+  forces exactly N) or the artifact's bound (`btp-compile`).
+- `--max-batch N`: the largest batch an artifact accepts (a build bound); `--batch N`: the batch size of a run.
+- `--threads N`: CPU threads; `--backend NAME`: the engines to build or run; `--device cpu|cuda[:N]`.
+- `-o/--out PATH`: what the command writes.
+
+Old spellings (`--new-tokens`, `--steps`, `--batch-size`) still parse as hidden, deprecated aliases.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import BtpError, InputError
 
+OK, FAILED, BAD_INPUT, INTERNAL = 0, 1, 2, 3
+
+
+def add_common(p: argparse.ArgumentParser, json_help: str = "print the result as one JSON object on stdout") -> None:
+    """The options every command takes: `--json` and `--debug`."""
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def add_alias(p: argparse.ArgumentParser, old: str, dest: str, **kwargs) -> None:
+    """`old`, a deprecated spelling of the option stored in `dest`: parsed as before, left out of `--help`."""
+    p.add_argument(old, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(enabled: bool = True) -> Iterator[None]:
+    """While the work runs, whatever it prints goes to stderr: stdout stays the command's JSON result."""
+    with contextlib.redirect_stdout(sys.stderr) if enabled else contextlib.nullcontext():
+        yield
+
+
+def print_json(doc: dict) -> None:
+    """The command's result: one JSON object, one line, on stdout."""
+    print(json.dumps(doc), flush=True)
+
 
 def run_main(body: Callable[[], int], debug: bool, prog: str) -> int:
-    """Run a CLI body: a `BtpError` becomes `prog: error: message` on stderr and exit code 2; an unexpected
-    exception exits 1 with one line (or its traceback with `debug`)."""
+    """Run a CLI body and return its exit code (see the module docstring): the body's own code (0, or 1 for a
+    failed check), 2 with `prog: error: message` on stderr for a `BtpError`, 3 with one line for an unexpected
+    exception; with `debug` both raise instead, with their traceback."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return body()
@@ -22,7 +76,7 @@ def run_main(body: Callable[[], int], debug: bool, prog: str) -> int:
         if debug:
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -32,7 +86,7 @@ def run_main(body: Callable[[], int], debug: bool, prog: str) -> int:
         first = (str(err).strip().splitlines() or [""])[0]
         print(f"{prog}: internal error: {type(err).__name__}: {first} (run with --debug for the traceback)",
               file=sys.stderr)
-        return 1
+        return INTERNAL
 
 
 def check_writable(path, what: str, directory: bool = False, parents: bool = False) -> None:

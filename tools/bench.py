@@ -9,7 +9,6 @@ Pruned and unpruned runs interleave (ABAB...) after a warm-up; the Hugging Face 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from btp.runtime import Pipeline
-from btp.runtime.cli import check_writable, run_main
+from btp.runtime.cli import add_alias, add_common, check_writable, print_json, run_main
 from btp.runtime.dependencies import require, require_device
 from btp.runtime.errors import InputError
 from btp.runtime.manifest import read_manifest
@@ -388,10 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("artifact")
     p.add_argument("--baseline", default="unpruned,hf", help="comma list of unpruned, hf (default: both)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens beside the image (64)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="answer length: every run decodes exactly this many tokens (32)")
+    add_alias(p, "--new-tokens", "max_new_tokens", type=int)
+    p.add_argument("--batch", type=int, default=1, help="batch size of the runs, at most the artifact's max batch (1)")
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="PNG of the breakdown and the ratios (with --sweep: TTFT against tokens)")
     p.add_argument("--sweep", choices=["presets", "budgets"],
                    help="compile several plans for OUT's model (cached) and measure TTFT against tokens")
@@ -400,15 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                    help="engines to time (default: onnxruntime; tensorrt needs an artifact built with engines)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N], for the engines and Hugging Face (default: cpu)")
-    p.add_argument("--debug", action="store_true")
+    add_common(p, "print the report as one JSON object on stdout")
     args = p.parse_args(argv)
 
     def body() -> int:
         if args.plot:
             check_writable(args.plot, "--plot")
         require("onnxruntime")
-        if min(args.repeat, args.new_tokens, args.batch, args.prompt_tokens) < 1:
-            raise InputError("--repeat, --new-tokens, --batch and --prompt-tokens must be >= 1")
+        if min(args.repeat, args.max_new_tokens, args.batch, args.prompt_tokens) < 1:
+            raise InputError("--repeat, --max-new-tokens, --batch and --prompt-tokens must be >= 1")
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
         if args.sweep and (args.backend, args.device) != ("onnxruntime", "cpu"):
             raise InputError("--sweep measures ONNX Runtime on the CPU only; drop --backend/--device")
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             report = sweep(args.artifact, args.sweep, args.prompt_tokens, args.batch, args.repeat, names, log)
             if args.plot:
                 plot_sweep(report, args.plot)
-            print(json.dumps(report)) if args.json else _print_sweep(report)
+            print_json(report) if args.json else _print_sweep(report)
             return 0
         if args.plans:
             raise InputError("--plans goes with --sweep")
@@ -432,12 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = baselines - {"unpruned", "hf"}
         if unknown:
             raise InputError(f"--baseline takes unpruned and/or hf, got {sorted(unknown)}")
-        report = bench(args.artifact, baselines, args.prompt_tokens, args.new_tokens, args.batch, args.repeat,
+        report = bench(args.artifact, baselines, args.prompt_tokens, args.max_new_tokens, args.batch, args.repeat,
                        log=log, rebuild=args.rebuild, backend=args.backend, device=args.device)
         if args.plot:
             plot(report, args.plot)
         if args.json:
-            print(json.dumps(report))
+            print_json(report)
         else:
             _print(report)
         return 0

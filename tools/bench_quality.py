@@ -11,9 +11,7 @@ made from the task's train split at the same shares.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import io
 import json
 import statistics
 import sys
@@ -21,7 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from btp.runtime.cli import check_writable, run_main
+from btp.runtime.cli import add_common, check_writable, print_json, run_main, stdout_to_stderr
 from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError, PlanError
 
@@ -97,12 +95,13 @@ def model_key(model) -> str:
 
 
 def _calibrated(model, key: str, method: str, share: float, cache: Path, samples: int, log) -> dict:
-    """A `btp-calibrate --method METHOD --retention SHARE` plan from the train split, cached.
+    """A `btp-calibrate --method METHOD --retention SHARE` plan from the train split (its default settings
+    otherwise), cached.
 
     The paper's four stages first; on a shallow model, where four stages after layer 1 cannot get down to
-    SHARE, three, two and then one stage. Skipped, with btp-calibrate's error line for the most stages, when none
-    can."""
-    from btp.compiler.calibrate_cli import main as calibrate
+    SHARE, three, two and then one stage. Skipped, with the reason for the most stages, when none can."""
+    from btp.compiler.calibrate import Target, calibrate
+    from btp.compiler.calibration_data import load_samples
     from btp.compiler.plan import Plan
 
     label = f"calibrated-{method}@{share:g}"
@@ -113,16 +112,16 @@ def _calibrated(model, key: str, method: str, share: float, cache: Path, samples
         if not out.is_file():
             if stages >= model.num_layers:
                 continue
+            # written out, so that `btp-calibrate --data DIR` reproduces the row from the same samples
             data = data or write_calibration_set(cache / f"calibration-n{samples}", samples)
             log(f"calibrating {label} ({stages} stages) on {samples} train samples")
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err):
-                code = calibrate([model.name, "--data", str(data), "--samples", str(samples), "--retention",
-                                  str(share), "--method", method, "--stages", str(stages), "-o", str(out)])
-            if code != 0:
-                lines = [x for x in err.getvalue().splitlines() if "error" in x]
-                error = error or (lines[-1] if lines else f"btp-calibrate exited {code}")  # the most stages' error
+            try:
+                result = calibrate(model, load_samples(str(data), samples), Target(retention=share), method,
+                                   stages=stages, source={"data": str(data), "seed": 0})
+            except PlanError as err:
+                error = error or str(err)  # the most stages' reason
                 continue
+            result.plan.save(out)
         return {"plan": label, "method": f"calibrated-{method}", "budget": share, "calibrated_stages": stages,
                 "spec": Plan.load(out)}
     return {"plan": label, "method": f"calibrated-{method}", "budget": share,
@@ -262,9 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, help=f"test questions (default: the whole split, {toy_task.TEST_SIZE})")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--cache", default="build/quality", help="where compiled plans are kept")
-    p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="PNG of retained accuracy against layer-averaged image tokens")
-    p.add_argument("--debug", action="store_true")
+    add_common(p, "print the report as one JSON object on stdout")
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -283,13 +281,13 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--calibrate needs --budgets (the shares the plans are calibrated for)")
         if args.batch < 1 or (args.samples is not None and args.samples < 1) or args.calibration_samples < 2:
             raise InputError("--batch and --samples must be >= 1, --calibration-samples >= 2")
-        with contextlib.redirect_stdout(sys.stderr):  # compile and calibrate print; stdout is the report
+        with stdout_to_stderr():  # whatever the compiler prints; stdout is the report
             report = quality(args.model, plans, budgets, calibrate, args.samples, args.batch, args.cache,
                              args.calibration_samples, log=lambda m: print(m, file=sys.stderr))
         if args.plot:
             plot(report, args.plot)
         if args.json:
-            print(json.dumps(report))
+            print_json(report)
         else:
             _print(report)
         return 0

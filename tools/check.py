@@ -15,7 +15,6 @@ tokens of the artifact's pipeline are compared with the reference's for every sa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import OrderedDict
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from btp.runtime import Pipeline
-from btp.runtime.cli import check_writable, run_main
+from btp.runtime.cli import FAILED, OK, add_alias, add_common, check_writable, print_json, run_main, stdout_to_stderr
 from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError
 from btp.runtime.manifest import read_manifest
@@ -378,21 +377,41 @@ def _backend(pipe) -> str:
     return "tensorrt" if any(isinstance(e, TrtEngine) for e in pipe.engines.values()) else "onnxruntime"
 
 
+def default_samples(n: int = 3) -> tuple[list, list[str]]:
+    """The bundled sample image and question, then `n` - 1 builtin calibration scenes with theirs: the inputs
+    `btp-check` (and `btp-compile --check`) run when given no `--image`."""
+    from btp.compiler.calibration_data import builtin_samples
+
+    from .samples import SAMPLE_QUESTION, sample_image
+
+    if n < 1:
+        raise InputError(f"expected at least 1 sample, got {n}")
+    extra = builtin_samples(n - 1, seed=1) if n > 1 else []
+    return [sample_image()] + [s.image for s in extra], [SAMPLE_QUESTION] + [s.prompt for s in extra]
+
+
+def run_check(out: str | Path, images, prompts, steps: int = 8, save: Path | None = None) -> dict:
+    """`check_artifact` as the command lines run it: Polygraphy's chatter on stdout goes to stderr (stdout is the
+    report), its RuntimeWarnings over empty decode tensors are silenced."""
+    import warnings
+
+    with warnings.catch_warnings(), stdout_to_stderr():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return check_artifact(out, images, prompts, steps, save)
+
+
 def _samples(args):
     from .run import open_image
-    from .samples import SAMPLE_QUESTION, sample_image
+    from .samples import SAMPLE_QUESTION
 
     if args.image:
         prompts = args.prompt or [SAMPLE_QUESTION] * len(args.image)
         if len(prompts) != len(args.image):
             raise InputError(f"expected one --prompt per --image, got {len(prompts)} and {len(args.image)}")
         return [open_image(path) for path in args.image], prompts
-    from btp.compiler.calibration_data import builtin_samples
-
     if args.samples < 1:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
-    extra = builtin_samples(args.samples - 1, seed=1) if args.samples > 1 else []
-    return [sample_image()] + [s.image for s in extra], [SAMPLE_QUESTION] + [s.prompt for s in extra]
+    return default_samples(args.samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,38 +420,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", action="append", help="sample image (repeatable); default: bundled samples")
     p.add_argument("--prompt", action="append", help="question per --image")
     p.add_argument("--samples", type=int, default=3, help="bundled samples when no --image (3)")
-    p.add_argument("--steps", type=int, default=8, help="new tokens per sample (8)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="new tokens per sample (8)")
+    add_alias(p, "--steps", "max_new_tokens", type=int)
     p.add_argument("--save", type=Path, help="write Polygraphy inputs/outputs per graph to this directory")
-    p.add_argument("--debug", action="store_true")
+    add_common(p, "print the report as JSON")
     args = p.parse_args(argv)
 
     def body() -> int:
-        import warnings
-
         if args.save:
             check_writable(args.save, "--save", directory=True, parents=True)
+        if args.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         images, prompts = _samples(args)
-        import contextlib
-
-        # Polygraphy prints to stdout; keep stdout for the report (and --json parseable).
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-            warnings.simplefilter("ignore", RuntimeWarning)  # Polygraphy's statistics over empty decode tensors
-            report = check_artifact(args.artifact, images, prompts, args.steps, args.save)
+        report = run_check(args.artifact, images, prompts, args.max_new_tokens, args.save)
         if args.json:
-            print(json.dumps(report))
+            print_json(report)
         else:
-            _print(report, args)
-        return 0 if report["passed"] else 1
+            print_report(report, args.save)
+        return OK if report["passed"] else FAILED
 
     return run_main(body, args.debug, "btp-check")
 
 
-def _print(report: dict, args) -> None:
+def print_report(report: dict, save: Path | None = None, console=None) -> None:
+    """The report of `check_artifact` as a table (on stdout, or `console`); with `save`, the Polygraphy command
+    that replays each graph's comparison from the saved data."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = console or Console(highlight=False)
     short = {"onnxruntime": "ort", "tensorrt": "trt"}
     table = Table("graph", "feeds", "max abs error", "ties", "result", title=f"btp-check {report['artifact']}")
     for g in report["graphs"]:
@@ -448,11 +464,11 @@ def _print(report: dict, args) -> None:
     t = report["tokens"]
     console.print(f"greedy tokens vs reference: {100 * t['mean']:.1f}% agreement over {report['samples']} samples "
                   f"({report['pipeline_backend']} pipeline)")
-    if args.save:
+    if save:
         for g in report["graphs"]:
             console.print(f"polygraphy run {report['artifact']}/onnx/{g['graph']}.onnx --onnxrt "
-                          f"--load-inputs {args.save}/{g['graph']}.inputs.json "
-                          f"--load-outputs {args.save}/{g['graph']}.outputs.json --atol {FP32_TOL} --rtol {FP32_TOL}")
+                          f"--load-inputs {save}/{g['graph']}.inputs.json "
+                          f"--load-outputs {save}/{g['graph']}.outputs.json --atol {FP32_TOL} --rtol {FP32_TOL}")
     console.print("[green]PASS[/green]" if report["passed"] else "[red]FAIL[/red]")
 
 

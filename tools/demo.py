@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from btp.runtime.cli import check_writable, run_main
+from btp.runtime.cli import add_common, check_writable, print_json, run_main
 
 from .samples import TOY_ANSWER, TOY_QUESTION, toy_plan_path, toy_scene
 
@@ -34,15 +34,15 @@ def parser() -> argparse.ArgumentParser:
                    "btp for other models)")
     p.add_argument("--image", help="image file (default: the bundled toy scene)")
     p.add_argument("--prompt", default=TOY_QUESTION, help="question about the image (default: %(default)r)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=8, help="longest answer (default: %(default)s)")
     p.add_argument("--explain", metavar="FILE.png", help="draw the patches kept at each stage over the image")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    add_common(p, "print the answer and what each stage kept as one JSON object on stdout")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    console = Console(highlight=False)
+    console = Console(stderr=args.json, highlight=False)  # with --json, stdout is the result alone
 
     def body() -> int:
         from btp.compiler import load_model, reference_pipeline
@@ -61,11 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold]model[/bold] {args.model}   [bold]plan[/bold] {args.plan or plan}   "
                       f"[bold]image tokens[/bold] {model.image_tokens} ({model.grid[0]}x{model.grid[1]})")
         console.print(f"[bold]question[/bold] {args.prompt}")
-        note = ""
+        note, right = "", None
         if args.model in RANDOM_WEIGHTS:
             note = "  (random weights: the words mean nothing)"
         elif args.image is None and args.prompt == TOY_QUESTION:
-            note = "  (right)" if answer == TOY_ANSWER else f"  (wrong: the right answer is {TOY_ANSWER!r})"
+            right = answer == TOY_ANSWER
+            note = "  (right)" if right else f"  (wrong: the right answer is {TOY_ANSWER!r})"
         console.print(f"[bold]answer[/bold]   {answer}{note}")
         table = Table("stage", "first layer", "kept", "kept grid positions")
         for st, kept in zip(pipe.spec.prunes, out.kept_indices[0]):
@@ -86,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             titles = [s.prune for s in pipe.spec.prunes]
             explain_figure(image, out.kept_indices[0], pipe.spec.grid, titles, args.explain)
             console.print(f"wrote {args.explain}")
+        if args.json:
+            print_json({"model": args.model, "plan": args.plan or plan, "prompt": args.prompt, "answer": answer,
+                        "right": right, "image_tokens": model.image_tokens, "grid": list(model.grid),
+                        "stages": [{"prune": st.prune, "first_layer": st.layers[0], "kept": kept}
+                                   for st, kept in zip(pipe.spec.prunes, out.kept_indices[0])],
+                        "layer_averaged_image_tokens": avg, "timings": out.timings})
         return 0
 
     return run_main(body, args.debug, "btp-demo")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from btp.runtime import InputError, Pipeline
-from btp.runtime.cli import check_writable, run_main
+from btp.runtime.cli import add_common, check_writable, print_json, run_main
 from btp.runtime.pipeline import check_image_size, check_prompt_text, to_rgb
 
 
@@ -22,9 +21,8 @@ def parser() -> argparse.ArgumentParser:
                    "where the artifact has them and tensorrt imports, else ONNX Runtime)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu; TensorRT engines run on cuda)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its choice)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--explain", metavar="FILE.png", help="draw the patches kept at each stage over the image")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    add_common(p, "print one JSON object instead of streaming text")
     return p
 
 
@@ -65,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             doc = {"text": out.texts[0], "token_ids": out.token_ids[0],
                    "kept_indices": {s.prune: k for s, k in zip(pipe.spec.prunes, out.kept_indices[0])},
                    "timings": out.timings}
-            print(json.dumps(doc))
+            print_json(doc)
             kept = out.kept_indices[0]
         else:
             stream = pipe.stream(image, args.prompt, max_new_tokens=new_tokens)

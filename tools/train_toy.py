@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from btp.runtime.cli import check_writable, run_main
+from btp.runtime.cli import add_common, check_writable, print_json, run_main, stdout_to_stderr
 from btp.runtime.errors import InputError
 
 from . import toy_task
@@ -531,7 +531,7 @@ def train(args, console: Console):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="btp-train-toy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="directory for save_pretrained (model + processor)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="directory for save_pretrained (model + processor)")
     p.add_argument("--steps", type=int, default=1800, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch", type=int, default=16, help="samples per step; each train sample is seen once")
     p.add_argument("--turns", type=int, default=8,
@@ -572,14 +572,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=0, help="report accuracy on a test subset every N steps")
     p.add_argument("--eval-samples", type=int, default=120, help="test subset size for --eval-every")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_common(p, "print the run's record (training.json) as one JSON object on stdout")
     args = p.parse_args(argv)
-    console = Console()
+    console = Console(stderr=args.json)  # with --json, stdout is the result alone
 
     def body() -> int:
         _check_args(args)
         check_writable(args.out, "--out", directory=True, parents=True)
-        return _train_and_save(args, argv, console)
+        with stdout_to_stderr(args.json):
+            record = _train_and_save(args, argv, console)
+        if args.json:
+            print_json({"out": str(args.out), **record})
+        return 0
 
     return run_main(body, args.debug, "btp-train-toy")
 
@@ -603,8 +607,9 @@ def _check_args(args) -> None:
                          f"and --eval-samples {args.eval_samples}")
 
 
-def _train_and_save(args, argv, console: Console) -> int:
-    """Train, report the test accuracy and save the model, the processor and `training.json` to `args.out`."""
+def _train_and_save(args, argv, console: Console) -> dict:
+    """Train, report the test accuracy and save the model, the processor and `training.json` (returned) to
+    `args.out`."""
     spec, model, processor, params, train_s, loss = train(args, console)
     start = time.perf_counter()
     test = toy_task.make_split("test", args.test_samples)
@@ -639,7 +644,7 @@ def _train_and_save(args, argv, console: Console) -> int:
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     console.print(f"saved to {args.out}")
-    return 0
+    return record
 
 
 if __name__ == "__main__":

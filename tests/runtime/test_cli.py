@@ -1,11 +1,13 @@
-"""What the command lines share: one-line errors, and output paths refused before the work."""
+"""What the command lines share: exit codes, one-line errors, deprecated spellings, and output paths refused
+before the work."""
 
+import argparse
 import os
 
 import pytest
 
-from btp.runtime import InputError
-from btp.runtime.cli import check_writable, run_main
+from btp.runtime import BtpError, BuildError, DataError, InputError
+from btp.runtime.cli import add_alias, check_writable, run_main
 
 
 def test_writable_paths_pass(tmp_path):
@@ -54,3 +56,42 @@ def test_run_main_turns_the_error_into_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err == [f"btp-x: error: --plot {tmp_path}/f/p.png: expected a writable file path, found {tmp_path}/f is "
                    "not a directory"]
+
+
+def test_exit_codes_say_what_happened(capsys):
+    def bad_input():
+        raise DataError("prompts.jsonl:3: expected an object, found a list")
+
+    def bug():
+        raise KeyError("stage9")
+
+    assert run_main(lambda: 0, False, "btp-x") == 0
+    assert run_main(lambda: 1, False, "btp-x") == 1  # a check that found a mismatch
+    assert capsys.readouterr().err == ""
+    assert run_main(bad_input, False, "btp-x") == 2
+    assert capsys.readouterr().err == "btp-x: error: prompts.jsonl:3: expected an object, found a list\n"
+    assert run_main(bug, False, "btp-x") == 3
+    assert capsys.readouterr().err.splitlines() == [
+        "btp-x: internal error: KeyError: 'stage9' (run with --debug for the traceback)"]
+    with pytest.raises(KeyError):
+        run_main(bug, True, "btp-x")
+
+
+def test_every_error_class_is_a_btp_error_from_one_module():
+    from btp.compiler.build import BuildError as from_build
+    from btp.compiler.calibration_data import DataError as from_data
+    from btp.compiler.publish import BuildError as from_publish
+
+    assert from_build is from_publish is BuildError and from_data is DataError  # the old import paths still work
+    assert issubclass(BuildError, BtpError) and issubclass(DataError, InputError)
+    assert BuildError.__module__ == DataError.__module__ == "btp.runtime.errors"
+
+
+def test_an_old_spelling_sets_the_same_option_and_is_left_out_of_help():
+    p = argparse.ArgumentParser()
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    add_alias(p, "--new-tokens", "max_new_tokens", type=int)
+    assert p.parse_args([]).max_new_tokens == 8
+    assert p.parse_args(["--new-tokens", "3"]).max_new_tokens == 3
+    assert p.parse_args(["--new-tokens", "3", "--max-new-tokens", "5"]).max_new_tokens == 5
+    assert "--new-tokens" not in p.format_help() and "--max-new-tokens" in p.format_help()

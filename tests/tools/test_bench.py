@@ -12,7 +12,7 @@ from btp.tools import bench
 
 def test_bench_reports_ratios_against_unpruned_and_hugging_face(artifact, tmp_path, capsys):
     png = tmp_path / "bench.png"
-    code = bench.main([str(artifact("btp")), "--repeat", "1", "--new-tokens", "3", "--prompt-tokens", "8",
+    code = bench.main([str(artifact("btp")), "--repeat", "1", "--max-new-tokens", "3", "--prompt-tokens", "8",
                        "--json", "--plot", str(png)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
