@@ -44,15 +44,18 @@ def build_graphs(model, plan: Plan, max_positions: int | None = None) -> tuple[d
     rotary = fam.rotary(hf, max_positions)
     layout = stage_layout(plan)
     recipe_of = dict(zip((s.prune for s in layout if s.prune), recipes(plan)))
+    n0 = model.image_tokens
     graphs: dict[str, nn.Module] = {"vision": fam.vision(hf, dtype), "embed": fam.embed(hf, dtype)}
+    graphs["embed"].image_tokens = n0  # the prefill range of its image_tokens dim
     for j, st in enumerate(layout):
         nxt = layout[j + 1] if j + 1 < len(layout) else None
         wants_scores = nxt is not None and nxt.prune is not None and recipe_of[nxt.prune].attention > 0
         if st.prune:
-            graphs[st.prune] = PruneGraph(st.prune, recipe_of[st.prune], t.hidden_size, dtype)
+            graphs[st.prune] = PruneGraph(st.prune, recipe_of[st.prune], t.hidden_size, dtype, image_tokens=n0)
         graphs[st.name] = StageGraph(
             st.name, [layers[i] for i in st.layers], st.layers[0], rotary, t.num_key_value_heads, head_dim,
             t.hidden_size, dtype, score_mode=plan.score if wants_scores else None, final=nxt is None,
+            image_tokens=n0, alive=st.image_tokens,
         )
     graphs["head"] = fam.head(hf, dtype)
     tok = model.processor.tokenizer

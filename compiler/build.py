@@ -25,6 +25,7 @@ from btp.runtime.manifest import (
     BuildOptions,
     GraphInfo,
     Manifest,
+    PhaseInfo,
     TensorInfo,
     file_table,
     read_manifest,
@@ -196,6 +197,8 @@ def _build(cfg: BuildConfig, out: Path, backend: str, on_graph) -> BuildResult:
                 file=f"onnx/{name}.onnx", exporter=EXPORTER, opset=e.opset, nodes=e.nodes, seconds=round(e.seconds, 3),
                 inputs=[TensorInfo(**t.to_dict()) for t in spec.inputs],
                 outputs=[TensorInfo(**t.to_dict()) for t in spec.outputs],
+                phases=[PhaseInfo(name=p.name, dims={d: list(r) for d, r in p.dims.items()})
+                        for p in spec.ranges(cfg.limits)],
             )
             exported.append(e)
             if on_graph:
@@ -206,11 +209,9 @@ def _build(cfg: BuildConfig, out: Path, backend: str, on_graph) -> BuildResult:
             import tensorrt
 
             from .trt_build import build_engines
-            from .trt_profiles import Bounds
 
-            engines = build_engines(tmp, infos, chain.to_dict(),
-                                    Bounds(lim.max_batch, lim.max_prompt, lim.max_new_tokens, chain.image_tokens),
-                                    workspace_gib=cfg.workspace_gib, tf32=cfg.tf32, timing_cache=cfg.timing_cache,
+            engines = build_engines(tmp, infos, workspace_gib=cfg.workspace_gib, tf32=cfg.tf32,
+                                    timing_cache=cfg.timing_cache,
                                     on_graph=on_graph and (lambda n, _p: on_graph(n, "engine", None)))
             trt_version = tensorrt.__version__
         model.processor.save_pretrained(tmp / "processor")

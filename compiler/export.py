@@ -1,8 +1,9 @@
 """Export one `graphs` module to ONNX with the dynamo exporter, everything derived from its I/O spec.
 
 Example inputs, dynamic dims and the names written into the ONNX file all come from `module.spec()`:
-the symbolic dims `batch`, `seq`, `past`, `image_tokens` become `torch.export.Dim`s bounded by the build
-options, and derived dims (`past + seq`, `seq - 32`) are left to the exporter, which proves them.
+the symbolic dims `batch`, `seq`, `past`, `image_tokens` become `torch.export.Dim`s over their ranges in the
+spec's phases under the build's `Bounds`, and derived dims (`past + seq`, `seq - 32`) are left to the exporter,
+which proves them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch import nn
 from torch.export import Dim
 
 from btp.graphs import GraphSpec
+from btp.graphs.spec import TOTAL
+from btp.runtime.chain import Bounds
 
 from .loops import expand_fill_loops, fill_translation
 
@@ -30,17 +33,8 @@ EXPORTER = "torch.onnx.export(dynamo=True)"
 EXTERNAL_DATA_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Shape bounds of an artifact: the exported dims (and later the TensorRT profiles) use them."""
-
-    max_batch: int = 4
-    max_prompt: int = 1024
-    max_new_tokens: int = 256
-
-    @property
-    def max_positions(self) -> int:
-        return self.max_prompt + self.max_new_tokens
+# The one bounds type (btp.runtime.chain.Bounds); `Limits` is its older name here.
+Limits = Bounds
 
 
 @dataclass
@@ -54,20 +48,36 @@ class Exported:
     opset: int
 
 
-def _dims(spec: GraphSpec, limits: Limits, min_seq: int, image_tokens: int) -> dict[str, object]:
-    return {
-        "batch": Dim("batch", min=1, max=limits.max_batch),
-        "seq": Dim("seq", min=min_seq, max=limits.max_prompt),
-        "past": Dim("past", min=0, max=limits.max_positions),
-        "image_tokens": Dim("image_tokens", min=0, max=image_tokens),
-        "past + seq": Dim.AUTO,
-    }
+def export_dims(spec: GraphSpec, bounds: Bounds) -> dict[str, tuple[int, int]]:
+    """The (min, max) each symbolic input dim is exported with: its range over the spec's phases. Derived dims
+    (`past + seq`) are the exporter's to infer."""
+    return {d: r for d, r in spec.dim_bounds(bounds).items() if d != TOTAL}
 
 
-def example_inputs(spec: GraphSpec, image_token_id: int, image_tokens: int, seq: int) -> list[torch.Tensor]:
-    """Valid example tensors for `spec` (batch 2, `seq` tokens, past 3): sizes of 0 or 1 would be
-    specialised by the exporter, so every dynamic dim is at least 2."""
-    sizes = {"batch": 2, "seq": seq, "past": 3, "past + seq": seq + 3, "image_tokens": image_tokens}
+def _traced(spec: GraphSpec, bounds: Bounds) -> dict[str, tuple[int, int]]:
+    """The ranges the exporter traces with: a range of one value (`--max-batch 1`) is widened by one, since
+    torch.export cannot make a dim of one value dynamic and a static graph would not be the spec's."""
+    return {d: (lo, max(hi, lo + 1)) for d, (lo, hi) in export_dims(spec, bounds).items()}
+
+
+def _dims(spec: GraphSpec, bounds: Bounds) -> dict[str, object]:
+    dims: dict[str, object] = {d: Dim(d, min=lo, max=hi) for d, (lo, hi) in _traced(spec, bounds).items()}
+    dims[TOTAL] = Dim.AUTO
+    return dims
+
+
+def example_inputs(spec: GraphSpec, bounds: Bounds, image_token_id: int, image_tokens: int, seq: int
+                   ) -> list[torch.Tensor]:
+    """Valid example tensors for `spec` (batch 2, `seq` tokens, past 3, each inside its exported range): sizes
+    of 0 or 1 would be specialised by the exporter, so every dynamic dim is at least 2 where its range allows."""
+    ranges = _traced(spec, bounds)
+
+    def pick(dim: str, want: int) -> int:
+        lo, hi = ranges.get(dim, (want, want))
+        return min(max(want, lo), hi)
+
+    sizes = {"batch": pick("batch", 2), "seq": pick("seq", seq), "past": pick("past", 3), "image_tokens": image_tokens}
+    sizes[TOTAL] = sizes["past"] + sizes["seq"]
     g = torch.Generator().manual_seed(0)
     out = []
     for t in spec.inputs:
@@ -119,10 +129,8 @@ def export_graph(module: nn.Module, path: Path, *, limits: Limits, opset: int, i
     import onnx
 
     spec = module.spec()
-    min_seq = alive + 1 if alive else 1
-    seq = max(alive + 6, 8)
-    dims = _dims(spec, limits, min_seq, image_tokens)
-    items = example_inputs(spec, image_token_id, image_tokens, seq)
+    dims = _dims(spec, limits)
+    items = example_inputs(spec, limits, image_token_id, image_tokens, max(alive + 6, 8))
     dyn = [{i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs]
     n_fixed = _fixed_inputs(module)
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from pathlib import Path
 from btp.runtime.dependencies import require
 from btp.runtime.errors import BtpError
 
-from .trt_profiles import Bounds, profiles
+from .trt_profiles import profiles
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,10 @@ def write_timing_cache(blob: bytes, artifact_cache: Path, shared: Path | None) -
         tmp.replace(shared)
 
 
-def build_engines(root: Path, graphs: dict, chain: dict, bounds: Bounds, workspace_gib: float = 4.0,
-                  tf32: bool = False, on_graph=None, timing_cache: Path | None = None) -> dict[str, str]:
-    """Build `root/engines/{name}.engine` for every graph in `graphs` (name -> GraphInfo); returns the files.
+def build_engines(root: Path, graphs: dict, workspace_gib: float = 4.0, tf32: bool = False, on_graph=None,
+                  timing_cache: Path | None = None) -> dict[str, str]:
+    """Build `root/engines/{name}.engine` for every graph in `graphs` (name -> GraphInfo, with its phases);
+    returns the files.
     `timing_cache` is a file shared across builds: read when it exists, rewritten after the build."""
     trt = require("tensorrt")
 
@@ -87,8 +88,7 @@ def build_engines(root: Path, graphs: dict, chain: dict, bounds: Bounds, workspa
             node = err.node_name() if hasattr(err, "node_name") else str(err.node())
             raise BtpError(f"{info.file}: the TensorRT parser refused node {node!r}: {err.desc()}")
         config = builder.create_builder_config()
-        configure(trt, builder, config, name, profiles(name, info.inputs, chain, bounds), workspace_gib, tf32,
-                  cache_bytes)
+        configure(trt, builder, config, name, profiles(info.inputs, info.phases), workspace_gib, tf32, cache_bytes)
         blob = builder.build_serialized_network(network, config)
         if blob is None:
             raise BtpError(f"{info.file}: TensorRT could not build an engine (see the TensorRT log above)")

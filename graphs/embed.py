@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .spec import BATCH, IMAGES, SEQ, GraphSpec, TensorSpec
+from .spec import BATCH, IMAGES, SEQ, GraphSpec, TensorSpec, embed_phases
 
 
 class EmbedGraph(nn.Module):
@@ -15,11 +15,12 @@ class EmbedGraph(nn.Module):
     through a zero row prepended to the features, so text rows and `N = 0` need no special case.
     """
 
-    def __init__(self, embed_tokens: nn.Embedding, image_token_id: int, dtype: torch.dtype):
+    def __init__(self, embed_tokens: nn.Embedding, image_token_id: int, dtype: torch.dtype, image_tokens: int = 0):
         super().__init__()
         self.embed_tokens = embed_tokens
         self.image_token_id = int(image_token_id)
         self.dtype = dtype
+        self.image_tokens = image_tokens  # N0 per image: the prefill range of the image_tokens dim
 
     def spec(self) -> GraphSpec:
         d = self.embed_tokens.embedding_dim
@@ -30,6 +31,7 @@ class EmbedGraph(nn.Module):
                 TensorSpec("image_features", self.dtype, (BATCH, IMAGES, d)),
             ),
             (TensorSpec("inputs_embeds", self.dtype, (BATCH, SEQ, d)),),
+            embed_phases(self.image_tokens),
         )
 
     def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .selection import Recipe, select
-from .spec import BATCH, SEQ, GraphSpec, TensorSpec
+from .spec import BATCH, SEQ, GraphSpec, TensorSpec, prune_phases
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -41,9 +41,10 @@ class PruneGraph(nn.Module):
     (ascending positions inside the current image span). Position ids are gathered, never renumbered.
     """
 
-    def __init__(self, name: str, recipe: Recipe, hidden_size: int, dtype: torch.dtype):
+    def __init__(self, name: str, recipe: Recipe, hidden_size: int, dtype: torch.dtype, image_tokens: int = 0):
         super().__init__()
         self.name, self.recipe, self.hidden_size, self.dtype = name, recipe, hidden_size, dtype
+        self.image_tokens = image_tokens or recipe.alive  # N0 of the model: with alive, the longest sequence
 
     @property
     def uses_scores(self) -> bool:
@@ -67,7 +68,7 @@ class PruneGraph(nn.Module):
             TensorSpec("pruned_attention_mask", torch.int64, (BATCH, out_seq)),
             TensorSpec("keep_indices", torch.int64, (BATCH, r.keep)),
         )
-        return GraphSpec(self.name, tuple(inputs), outputs)
+        return GraphSpec(self.name, tuple(inputs), outputs, prune_phases(self.image_tokens, r.alive))
 
     def forward(self, hidden_states, position_ids, attention_mask, *rest):
         """See the class docstring; `rest` is `(scores, image_start)` or `(image_start,)`."""

@@ -1,12 +1,16 @@
-"""Name-keyed I/O declarations of the graphs: the one source of truth for names, dtypes and symbolic dims.
+"""Name-keyed I/O declarations of the graphs: the one source of truth for names, dtypes, symbolic dims and
+each dim's range in each phase.
 
-The exporter's dynamic axes, example inputs, engine profiles, runtime buffers and the manifest are all
-derived from these declarations (ARCHITECTURE section 3, STYLE "One I/O spec per graph").
+The exporter's dynamic axes and example inputs, the TensorRT profiles, `btp-check`'s profile grouping and the
+manifest are all derived from these declarations and one bounds object (`btp.runtime.chain.Bounds`: max batch,
+prompt and new tokens; graphs import nothing from runtime, so any object with those three fields will do).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -16,6 +20,75 @@ SEQ = "seq"
 PAST = "past"
 TOTAL = "past + seq"
 IMAGES = "image_tokens"
+
+
+Range = tuple[int, int, int]  # min, opt, max
+
+
+class BoundsLike(Protocol):
+    max_batch: int
+    max_prompt: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One way a graph runs (prefill or decode): the (min, opt, max) of every symbolic dim it uses."""
+
+    name: str
+    dims: dict[str, Range]
+
+
+# A graph's phases as a function of the bounds: what each dim means, declared once per graph kind below.
+PhaseRule = Callable[[BoundsLike], tuple[Phase, ...]]
+
+
+def _with_total(name: str, dims: dict[str, Range]) -> Phase:
+    if PAST in dims and SEQ in dims:
+        dims = {**dims, TOTAL: tuple(a + b for a, b in zip(dims[PAST], dims[SEQ]))}
+    return Phase(name, dims)
+
+
+def stage_phases(image_tokens: int, alive: int) -> PhaseRule:
+    """A decoder stage with `alive` of the `image_tokens` image tokens: prefill over its pruned prompt (no past),
+    decode one token at a time over a past of up to that prompt plus the new tokens."""
+
+    def rule(b: BoundsLike) -> tuple[Phase, ...]:
+        length = b.max_prompt - image_tokens + alive  # this stage's longest prefill sequence
+        opt = max(1, length // 2)
+        batch = (1, 1, b.max_batch)
+        return (_with_total("prefill", {BATCH: batch, SEQ: (1, opt, length), PAST: (0, 0, 0)}),
+                _with_total("decode", {BATCH: batch, SEQ: (1, 1, 1),
+                                       PAST: (1, opt, length + b.max_new_tokens - 1)}))
+
+    return rule
+
+
+def prune_phases(image_tokens: int, alive: int) -> PhaseRule:
+    """A prune graph before which `alive` image tokens live: prefill only, sequences holding them all."""
+
+    def rule(b: BoundsLike) -> tuple[Phase, ...]:
+        length = b.max_prompt - image_tokens + alive
+        return (Phase("prefill", {BATCH: (1, 1, b.max_batch), SEQ: (alive + 1, max(alive + 1, length // 2), length)}),)
+
+    return rule
+
+
+def embed_phases(image_tokens: int) -> PhaseRule:
+    """The embedding: the whole prompt with its image features, then one token without."""
+
+    def rule(b: BoundsLike) -> tuple[Phase, ...]:
+        batch = (1, 1, b.max_batch)
+        return (Phase("prefill", {BATCH: batch, SEQ: (1, b.max_prompt // 2, b.max_prompt),
+                                  IMAGES: (image_tokens, image_tokens, image_tokens)}),
+                Phase("decode", {BATCH: batch, SEQ: (1, 1, 1), IMAGES: (0, 0, 0)}))
+
+    return rule
+
+
+def batch_phase(b: BoundsLike) -> tuple[Phase, ...]:
+    """Graphs whose only symbolic dim is the batch (vision, head), run once per step."""
+    return (Phase("prefill", {BATCH: (1, 1, b.max_batch)}),)
 
 
 @dataclass(frozen=True)
@@ -37,6 +110,27 @@ class GraphSpec:
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    phases: PhaseRule = field(default=batch_phase, compare=False)
+
+    def ranges(self, bounds: BoundsLike) -> tuple[Phase, ...]:
+        """Each phase's (min, opt, max) of the symbolic dims of this graph's inputs, under `bounds`."""
+        used = {d for t in self.inputs for d in t.shape if isinstance(d, str)}
+        out = []
+        for phase in self.phases(bounds):
+            missing = used - set(phase.dims)
+            if missing:
+                raise ValueError(f"{self.name}: phase {phase.name} gives no range for dims {sorted(missing)}")
+            out.append(Phase(phase.name, {d: r for d, r in phase.dims.items() if d in used}))
+        return tuple(out)
+
+    def dim_bounds(self, bounds: BoundsLike) -> dict[str, tuple[int, int]]:
+        """Per symbolic input dim, the (min, max) over all phases: what the exported graph must accept."""
+        out: dict[str, tuple[int, int]] = {}
+        for phase in self.ranges(bounds):
+            for d, (lo, _, hi) in phase.dims.items():
+                a, b = out.get(d, (lo, hi))
+                out[d] = (min(a, lo), max(b, hi))
+        return out
 
     @property
     def input_names(self) -> list[str]:

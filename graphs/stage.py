@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .layers import DecoderLayer, RotaryTable, additive_mask
-from .spec import BATCH, PAST, SEQ, TOTAL, GraphSpec, TensorSpec, past_name, present_name
+from .spec import BATCH, PAST, SEQ, TOTAL, GraphSpec, TensorSpec, past_name, present_name, stage_phases
 
 
 class StageGraph(nn.Module):
@@ -31,6 +31,8 @@ class StageGraph(nn.Module):
         dtype: torch.dtype,
         score_mode: str | None = None,
         final: bool = False,
+        image_tokens: int = 0,
+        alive: int | None = None,
     ):
         super().__init__()
         if score_mode not in (None, "logits", "probs"):
@@ -43,6 +45,8 @@ class StageGraph(nn.Module):
         self.dtype = dtype
         self.score_mode = score_mode
         self.final = final
+        self.image_tokens = image_tokens  # N0 of the model, and the image tokens alive in this stage
+        self.alive = image_tokens if alive is None else alive
 
     @property
     def layer_ids(self) -> list[int]:
@@ -65,7 +69,7 @@ class StageGraph(nn.Module):
                 outputs.append(TensorSpec(present_name(i, kind), self.dtype, present))
         if self.score_mode is not None:
             outputs.append(TensorSpec("scores", torch.float32, (BATCH, TOTAL)))
-        return GraphSpec(self.name, tuple(inputs), tuple(outputs))
+        return GraphSpec(self.name, tuple(inputs), tuple(outputs), stage_phases(self.image_tokens, self.alive))
 
     def forward(self, inputs_embeds, position_ids, attention_mask, *past_key_values):
         """See the class docstring; `past_key_values` alternates key, value per layer in layer order."""

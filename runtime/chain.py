@@ -21,6 +21,21 @@ class Engine(Protocol):
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """The size bounds an artifact is built for, the one type of them: graphs' dim ranges, TensorRT profiles,
+    the manifest's `build` and the runtime's checks all derive from it."""
+
+    max_batch: int = 4
+    max_prompt: int = 1024  # tokens, image tokens included
+    max_new_tokens: int = 256
+
+    @property
+    def max_positions(self) -> int:
+        """Positions the rotary tables hold: the longest prompt plus the longest answer."""
+        return self.max_prompt + self.max_new_tokens
+
+
+@dataclass(frozen=True)
 class StageLayout:
     """One decoder stage: its graph name, global layer ids, the prune graph that runs before it (if any)
     and the number of image tokens alive inside it."""

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from .chain import Bounds
 from .errors import ArtifactError
 
 ARTIFACT_FORMAT = "btp-artifact/1"
@@ -39,6 +40,23 @@ class TensorInfo(BaseModel):
     shape: list[Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1)]]
 
 
+class PhaseInfo(BaseModel):
+    """One phase a graph runs in (prefill, decode): the (min, opt, max) of each symbolic input dim."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^(prefill|decode)$")
+    dims: dict[str, Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=3, max_length=3)]]
+
+    @field_validator("dims")
+    @classmethod
+    def _ordered(cls, v: dict) -> dict:
+        for d, (lo, opt, hi) in v.items():
+            if not lo <= opt <= hi:
+                raise ValueError(f"dim {d!r}: expected min <= opt <= max, found {[lo, opt, hi]}")
+        return v
+
+
 class GraphInfo(BaseModel):
     """One exported graph and how it was made."""
 
@@ -51,6 +69,17 @@ class GraphInfo(BaseModel):
     outputs: list[TensorInfo]
     nodes: int
     seconds: float = 0.0
+    # The graph spec's phases under the build's bounds (artifacts from before them have none): TensorRT
+    # profiles and btp-check's grouping read these, never a rule of their own.
+    phases: list[PhaseInfo] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _phases_cover_the_inputs(self) -> GraphInfo:
+        used = {d for t in self.inputs for d in t.shape if isinstance(d, str)}
+        for p in self.phases:
+            if not used <= set(p.dims):
+                raise ValueError(f"phase {p.name} gives no range for dims {sorted(used - set(p.dims))}")
+        return self
 
 
 class FileInfo(BaseModel):
@@ -73,6 +102,10 @@ class BuildOptions(BaseModel):
     # Whether TensorRT could use TF32 for fp32 layers (TensorRT builds only). Artifacts from before the field were
     # built with TensorRT's default, TF32 on: read None as True where engines exist.
     tf32: bool | None = None
+
+    @property
+    def bounds(self) -> Bounds:
+        return Bounds(self.max_batch, self.max_prompt, self.max_new_tokens)
 
 
 Count = Annotated[StrictInt, Field(gt=0)]

@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from btp.compiler.trt_profiles import Bounds, profiles
+from btp.compiler.trt_profiles import manifest_profiles
 from btp.runtime import ArtifactError, Pipeline
 from btp.runtime.manifest import read_manifest
 
@@ -17,15 +17,15 @@ def manifest(artifact):
 
 
 def _bounds(m):
-    b = m.build
-    return Bounds(b.max_batch, b.max_prompt, b.max_new_tokens, m.chain["image_tokens"])
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**vars(m.build.bounds), image_tokens=m.chain["image_tokens"])
 
 
 def test_stage_graphs_get_prefill_and_decode_profiles_with_their_own_lengths(manifest):
     bounds = _bounds(manifest)
     for st in manifest.chain["stages"]:
-        info = manifest.graphs[st["name"]]
-        prefill, decode = profiles(st["name"], info.inputs, manifest.chain, bounds)
+        prefill, decode = manifest_profiles(manifest, st["name"])
         longest = bounds.max_prompt - bounds.image_tokens + st["image_tokens"]
         assert prefill["inputs_embeds"][2][1] == longest and prefill["inputs_embeds"][2][0] == bounds.max_batch
         key = f"past_key_values.{st['layers'][0]}.key"
@@ -38,10 +38,10 @@ def test_stage_graphs_get_prefill_and_decode_profiles_with_their_own_lengths(man
 
 def test_prune_and_embed_profiles(manifest):
     bounds = _bounds(manifest)
-    (prune,) = profiles("prune2", manifest.graphs["prune2"].inputs, manifest.chain, bounds)
+    (prune,) = manifest_profiles(manifest, "prune2")
     assert prune["hidden_states"][0][1] == 33  # at least the 32 image tokens alive plus one text token
     assert prune["image_start"] == ([1], [1], [bounds.max_batch])
-    prefill, decode = profiles("embed", manifest.graphs["embed"].inputs, manifest.chain, bounds)
+    prefill, decode = manifest_profiles(manifest, "embed")
     assert prefill["image_features"][2][1] == 64 and decode["image_features"][2][1] == 0
 
 
