@@ -216,22 +216,17 @@ class Reference:
 
 def _run_outputs(model, plan: Plan, samples: Sequence[Sample], batch_size: int) -> Reference:
     pipe = reference_pipeline(model, plan)
-    head = pipe.engines["head"]
     captured: list[torch.Tensor] = []
-    run = head.run
 
-    def spy(feeds):
-        captured.append(feeds["hidden_states"][:, -1].float())
-        return run(feeds)
+    def observe(name, feeds, _outputs):
+        if name == "head":
+            captured.append(feeds["hidden_states"][:, -1].float())
 
-    head.run = spy
     logits = []
-    try:
-        for batch in _batches(samples, batch_size):
-            _prepare(pipe, batch)
-            logits.append(pipe.prefill([s.image for s in batch], [s.prompt for s in batch]).logits.float())
-    finally:
-        head.run = run
+    for batch in _batches(samples, batch_size):
+        _prepare(pipe, batch)
+        logits.append(pipe.prefill([s.image for s in batch], [s.prompt for s in batch], on_graph=observe)
+                      .logits.float())
     return Reference(torch.cat(logits), torch.cat(captured))
 
 

@@ -172,20 +172,14 @@ def _to_numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 def capture_feeds(pipe, batches, steps: int) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Every engine call of real runs of `pipe` over `batches` of (images, prompts): graph name -> list of
-    feed dicts (prefill and decode)."""
+    feed dicts (prefill and decode), seen through the pipeline's observer."""
     seen: dict[str, list] = {}
-    originals = {name: e.run for name, e in pipe.engines.items()}
-    for name, engine in pipe.engines.items():
-        def spy(feeds, _name=name, _run=engine.run):
-            seen.setdefault(_name, []).append({k: v.clone() for k, v in feeds.items()})
-            return _run(feeds)
-        engine.run = spy
-    try:
-        for images, prompts in batches:
-            pipe.generate(images, prompts, max_new_tokens=steps)
-    finally:
-        for name, engine in pipe.engines.items():
-            engine.run = originals[name]
+
+    def observe(name, feeds, _outputs):
+        seen.setdefault(name, []).append({k: v.clone() for k, v in feeds.items()})
+
+    for images, prompts in batches:
+        pipe.generate(images, prompts, max_new_tokens=steps, on_graph=observe)
     return seen
 
 
