@@ -45,8 +45,7 @@ def cached_artifact(root: Path, manifest, plan, label: str, log=print, backend: 
     beside OUT keyed by the model fingerprint, the options, the backend and the plan itself."""
     import hashlib
 
-    from btp.compiler.build import BuildConfig, compile_artifact
-    from btp.compiler.export import Limits
+    from .cache import compile_cached
 
     b = manifest.build
     fp = manifest.model["fingerprint"][:16]
@@ -56,19 +55,8 @@ def cached_artifact(root: Path, manifest, plan, label: str, log=print, backend: 
     if backend != "onnxruntime":
         key += f"-{backend}"
     out = root.parent / ".btp-bench-cache" / (f"{label}-{key}" if label == "none" else f"{label}-{key}-{digest}")
-    if (out / "manifest.json").is_file():
-        return out
-    log(f"compiling {label} (cached in {out.parent.name}/)")
-    spec = plan
-    if not isinstance(plan, str):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        spec = str(out.parent / f"{out.name}.plan.json")
-        plan.save(spec)
-    compile_artifact(BuildConfig(model=manifest.model["name"], plan=spec, out=out, backend=backend,
-                                 dtype=b.dtype, opset=b.opset, force=True,
-                                 tf32=backend == "tensorrt" and b.tf32 is not False,  # None: TensorRT's default
-                                 limits=Limits(b.max_batch, b.max_prompt, b.max_new_tokens)))
-    return out
+    return compile_cached(out, manifest.model["name"], plan, b.bounds, log, backend=backend, dtype=b.dtype,
+                          opset=b.opset, tf32=backend == "tensorrt" and b.tf32 is not False)  # None: TensorRT's default
 
 
 def unpruned_twin(root: Path, manifest, log=print, backend: str = "onnxruntime") -> Path:

@@ -129,21 +129,13 @@ def _calibrated(model, key: str, method: str, share: float, cache: Path, samples
 
 
 def _artifact(model, key: str, plan, cache: Path, batch: int, log) -> Path:
-    from btp.compiler.build import BuildConfig, compile_artifact
-    from btp.compiler.export import Limits
+    from btp.runtime.chain import Bounds
+
+    from .cache import compile_cached
 
     digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:10]
-    out = cache / f"{key}-b{batch}-{digest}"
-    if (out / "manifest.json").is_file():
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{out.name}.plan.json"
-    plan.save(path)
-    log(f"compiling {plan.calibration.get('method', 'plan')} -> {out.name}")
-    limits = Limits(max_batch=batch, max_prompt=model.image_tokens + 64, max_new_tokens=ANSWER_TOKENS)
-    compile_artifact(BuildConfig(model=model.name, plan=str(path), out=out, backend="onnxruntime", force=True,
-                                 limits=limits))
-    return out
+    bounds = Bounds(max_batch=batch, max_prompt=model.image_tokens + 64, max_new_tokens=ANSWER_TOKENS)
+    return compile_cached(cache / f"{key}-b{batch}-{digest}", model.name, plan, bounds, log)
 
 
 def evaluate(pipe, samples, batch: int) -> dict:
