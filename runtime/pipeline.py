@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import names as n
 from .chain import ChainSpec, Engine, StageLayout
 from .errors import InputError
 from .sampling import check_sampling, next_tokens
@@ -203,8 +204,8 @@ class Pipeline:
     """
 
     def __init__(self, engines: Mapping[str, Engine], spec: ChainSpec, processor, device: str | torch.device = "cpu"):
-        needed = ["vision", "embed", "head"] + [s.name for s in spec.stages] + [p.prune for p in spec.prunes]
-        missing = [n for n in needed if n not in engines]
+        needed = [n.VISION, n.EMBED, n.HEAD] + [s.name for s in spec.stages] + [p.prune for p in spec.prunes]
+        missing = [g for g in needed if g not in engines]
         if missing:
             raise ValueError(f"engines missing for graphs {missing}")
         self.engines = dict(engines)
@@ -302,13 +303,13 @@ class Pipeline:
     def _empty_past(self, layers: Sequence[int], batch: int) -> dict[str, torch.Tensor]:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
         empty = torch.zeros(shape, dtype=self.spec.torch_dtype, device=self.device)
-        return {f"past_key_values.{i}.{kind}": empty for i in layers for kind in ("key", "value")}
+        return {n.past(i, kind): empty for i in layers for kind in n.KV_KINDS}
 
     def _prefill(self, inp: Inputs, max_new: int, call: _Call):
         """Run the prefill chain -> (logits [B,V], per-stage states, kept grid indices per prune)."""
         spec, b = self.spec, inp.input_ids.shape[0]
-        feats = self._run("vision", {"pixel_values": inp.pixel_values}, call)["image_features"]
-        h = self._run("embed", {"input_ids": inp.input_ids, "image_features": feats}, call)["inputs_embeds"]
+        feats = self._run(n.VISION, {n.PIXEL_VALUES: inp.pixel_values}, call)[n.IMAGE_FEATURES]
+        h = self._run(n.EMBED, {n.INPUT_IDS: inp.input_ids, n.IMAGE_FEATURES: feats}, call)[n.INPUTS_EMBEDS]
         mask = inp.attention_mask
         pos = (mask.cumsum(-1) - 1).clamp_min(0)  # pads get 0, as Hugging Face does
         last_position = pos[:, -1]  # decode continues from the unpruned length
@@ -316,22 +317,21 @@ class Pipeline:
         kept, states, scores = [], [], None
         for layout in spec.stages:
             if layout.prune is not None:
-                feeds = {"hidden_states": h, "position_ids": pos, "attention_mask": mask,
-                         "scores": scores, "image_start": inp.image_start}
+                feeds = {n.HIDDEN_STATES: h, n.POSITION_IDS: pos, n.ATTENTION_MASK: mask,
+                         n.SCORES: scores, n.IMAGE_START: inp.image_start}
                 out = self._run(layout.prune, feeds, call)
-                h, pos, mask = out["pruned_hidden_states"], out["pruned_position_ids"], out["pruned_attention_mask"]
-                grid = grid.gather(1, out["keep_indices"])
+                h, pos, mask = out[n.PRUNED_HIDDEN_STATES], out[n.PRUNED_POSITION_IDS], out[n.PRUNED_ATTENTION_MASK]
+                grid = grid.gather(1, out[n.KEEP_INDICES])
                 kept.append(grid)
-            feeds = {"inputs_embeds": h, "position_ids": pos, "attention_mask": mask,
+            feeds = {n.INPUTS_EMBEDS: h, n.POSITION_IDS: pos, n.ATTENTION_MASK: mask,
                      **self._empty_past(layout.layers, b)}
             out = self._run(layout.name, feeds, call)
-            h, scores = out["hidden_states"], out.get("scores")
-            cache = {k.replace("present.", "past_key_values.", 1): v
-                     for k, v in out.items() if k.startswith("present.")}
+            h, scores = out[n.HIDDEN_STATES], out.get(n.SCORES)
+            cache = {n.as_past(k): v for k, v in out.items() if k.startswith(n.PRESENT)}
             stage_mask = torch.ones((b, mask.shape[1] + max_new), dtype=torch.int64, device=self.device)
             stage_mask[:, : mask.shape[1]] = mask
             states.append(_StageState(layout, cache, stage_mask, mask.shape[1]))
-        logits = self._run("head", {"hidden_states": h}, call)["logits"]
+        logits = self._run(n.HEAD, {n.HIDDEN_STATES: h}, call)[n.LOGITS]
         return logits, states, kept, last_position
 
     def prefill(self, images: Sequence, prompts: Sequence[str], on_graph: GraphObserver | None = None) -> Prefill:
@@ -344,16 +344,16 @@ class Pipeline:
     def _decode_step(self, token: torch.Tensor, position: torch.Tensor, states: list[_StageState],
                      no_image: torch.Tensor, call: _Call) -> torch.Tensor:
         """One token for every row: `token [B]`, `position [B]` -> logits `[B,V]`; caches grow by one."""
-        h = self._run("embed", {"input_ids": token[:, None], "image_features": no_image}, call)["inputs_embeds"]
+        h = self._run(n.EMBED, {n.INPUT_IDS: token[:, None], n.IMAGE_FEATURES: no_image}, call)[n.INPUTS_EMBEDS]
         pos = position[:, None]
         for st in states:
             st.length += 1
-            feeds = {"inputs_embeds": h, "position_ids": pos, "attention_mask": st.mask[:, : st.length], **st.cache}
+            feeds = {n.INPUTS_EMBEDS: h, n.POSITION_IDS: pos, n.ATTENTION_MASK: st.mask[:, : st.length], **st.cache}
             out = self._run(st.layout.name, feeds, call)
-            h = out["hidden_states"]
+            h = out[n.HIDDEN_STATES]
             for k in st.cache:
-                st.cache[k] = out[k.replace("past_key_values.", "present.", 1)]
-        return self._run("head", {"hidden_states": h}, call)["logits"]
+                st.cache[k] = out[n.as_present(k)]
+        return self._run(n.HEAD, {n.HIDDEN_STATES: h}, call)[n.LOGITS]
 
     def steps(
         self, inp: Inputs, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import names as n
 from .dependencies import require, require_device
 from .errors import ArtifactError
 
@@ -30,8 +31,8 @@ ALIGNMENT = 256  # bytes: TensorRT's setTensorAddress asks for pointers with at 
 # `logits` (kept across steps by `generate(output_logits=True)` and returned by `Pipeline.prefill`) and any
 # output not named here get a fresh buffer on every call.
 REUSED_OUTPUTS = frozenset({
-    "image_features", "inputs_embeds", "hidden_states", "scores",
-    "pruned_hidden_states", "pruned_position_ids", "pruned_attention_mask", "keep_indices",
+    n.IMAGE_FEATURES, n.INPUTS_EMBEDS, n.HIDDEN_STATES, n.SCORES,
+    n.PRUNED_HIDDEN_STATES, n.PRUNED_POSITION_IDS, n.PRUNED_ATTENTION_MASK, n.KEEP_INDICES,
 })
 POOL_ENTRIES = 4  # reused buffers kept per engine and thread (least recently used goes first)
 

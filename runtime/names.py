@@ -1,0 +1,42 @@
+"""The graphs' I/O names as the runtime knows them: one module of constants, pinned to the graph specs by
+`tests/runtime/test_names.py` (graphs import nothing from runtime, so they spell the names themselves)."""
+
+from __future__ import annotations
+
+# Graph names (stage{j} and prune{j} come from the chain spec).
+VISION, EMBED, HEAD = "vision", "embed", "head"
+
+PIXEL_VALUES = "pixel_values"  # vision in
+IMAGE_FEATURES = "image_features"  # vision out, embed in
+INPUT_IDS = "input_ids"  # embed in
+INPUTS_EMBEDS = "inputs_embeds"  # embed out, stage in
+POSITION_IDS = "position_ids"
+ATTENTION_MASK = "attention_mask"
+HIDDEN_STATES = "hidden_states"  # stage out, prune and head in
+SCORES = "scores"  # a stage's ranking of the tokens, for the prune after it
+IMAGE_START = "image_start"
+PRUNED_HIDDEN_STATES = "pruned_hidden_states"
+PRUNED_POSITION_IDS = "pruned_position_ids"
+PRUNED_ATTENTION_MASK = "pruned_attention_mask"
+KEEP_INDICES = "keep_indices"
+LOGITS = "logits"
+
+PAST, PRESENT = "past_key_values.", "present."  # + "{layer}.{key|value}", layer global
+KV_KINDS = ("key", "value")
+
+ALL = frozenset({PIXEL_VALUES, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, POSITION_IDS, ATTENTION_MASK, HIDDEN_STATES,
+                 SCORES, IMAGE_START, PRUNED_HIDDEN_STATES, PRUNED_POSITION_IDS, PRUNED_ATTENTION_MASK, KEEP_INDICES,
+                 LOGITS})
+
+
+def past(layer: int, kind: str) -> str:
+    return f"{PAST}{layer}.{kind}"
+
+
+def as_past(present_name: str) -> str:
+    """`present.{i}.{kind}` (a stage's output) -> `past_key_values.{i}.{kind}` (its next step's input)."""
+    return PAST + present_name.removeprefix(PRESENT)
+
+
+def as_present(past_name: str) -> str:
+    return PRESENT + past_name.removeprefix(PAST)
