@@ -6,7 +6,6 @@ import logging
 import os
 from pathlib import Path
 
-from .chain import ChainSpec
 from .dependencies import require, require_device
 from .errors import ArtifactError, InputError
 from .manifest import MANIFEST, read_manifest
@@ -40,7 +39,7 @@ def _check_bounds(engine, manifest, path: Path) -> None:
     """The manifest promises no more than the graph was traced for (graphs of older artifacts do not say)."""
     b = manifest.build
     promised = {"max_batch": b.max_batch, "max_prompt": b.max_prompt,
-                "max_positions": manifest.chain["max_positions"]}
+                "max_positions": manifest.chain.max_positions}
     for key, want in promised.items():
         found = getattr(engine, "metadata", {}).get(f"btp.{key}")
         if found is not None and found != str(want):
@@ -60,16 +59,16 @@ def _check_token_ids(manifest, processor, root: Path) -> None:
     chain, tok = manifest.chain, processor.tokenizer
     where = f"{root / MANIFEST}: chain"
     vocab = len(tok)
-    for what, ids in (("image_token_id", [chain["image_token_id"]]), ("pad_token_id", [chain["pad_token_id"]]),
-                      ("eos_token_ids", chain["eos_token_ids"])):
+    for what, ids in (("image_token_id", [chain.image_token_id]), ("pad_token_id", [chain.pad_token_id]),
+                      ("eos_token_ids", chain.eos_token_ids)):
         if any(not 0 <= i < vocab for i in ids):
             raise ArtifactError(f"{where} {what} {ids} outside the processor's vocabulary of {vocab}")
     image_token = getattr(processor, "image_token", None)
-    if image_token is not None and tok.convert_tokens_to_ids(image_token) != chain["image_token_id"]:
-        raise ArtifactError(f"{where} image_token_id {chain['image_token_id']} is not the processor's "
+    if image_token is not None and tok.convert_tokens_to_ids(image_token) != chain.image_token_id:
+        raise ArtifactError(f"{where} image_token_id {chain.image_token_id} is not the processor's "
                             f"{image_token} ({tok.convert_tokens_to_ids(image_token)})")
-    if tok.pad_token_id is not None and tok.pad_token_id != chain["pad_token_id"]:
-        raise ArtifactError(f"{where} pad_token_id {chain['pad_token_id']} is not the processor's "
+    if tok.pad_token_id is not None and tok.pad_token_id != chain.pad_token_id:
+        raise ArtifactError(f"{where} pad_token_id {chain.pad_token_id} is not the processor's "
                             f"({tok.pad_token_id})")
 
 
@@ -159,7 +158,7 @@ def _load(cls, root: Path, backend: str, device: str, threads: int, optimization
         raise ArtifactError(f"{root / manifest.processor}: the processor has no tokenizer")
     _check_token_ids(manifest, processor, root)
     tokenizer.padding_side = "left"
-    pipe = cls(engines, ChainSpec.from_dict(manifest.chain), processor, device=device)
+    pipe = cls(engines, manifest.chain.spec(), processor, device=device)
     pipe.manifest = manifest
     log.info("loaded %s: %d graphs on %s", root, len(engines), device)
     return pipe

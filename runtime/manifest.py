@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from .chain import Bounds
+from .chain import Bounds, ChainSpec
 from .errors import ArtifactError
 
 ARTIFACT_FORMAT = "btp-artifact/1"
@@ -112,9 +112,9 @@ Count = Annotated[StrictInt, Field(gt=0)]
 
 
 class ModelInfo(BaseModel):
-    """What `manifest.model` must hold (`LoadedModel.summary()`); kept as a dict in the manifest."""
+    """`manifest.model`: the model the artifact was built from (`LoadedModel.summary()`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: StrictStr = Field(min_length=1)
     family: StrictStr = Field(min_length=1)
@@ -128,7 +128,7 @@ class ModelInfo(BaseModel):
 
 
 class StageInfo(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: StrictStr = Field(min_length=1)
     layers: list[StrictInt] = Field(min_length=1)
@@ -137,9 +137,9 @@ class StageInfo(BaseModel):
 
 
 class ChainInfo(BaseModel):
-    """What `manifest.chain` must hold (`ChainSpec.to_dict()`); kept as a dict in the manifest."""
+    """`manifest.chain`: the chain's layout (`ChainSpec.to_dict()`); `spec()` is the runtime's `ChainSpec`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     stages: list[StageInfo] = Field(min_length=1)
     image_tokens: Count
@@ -156,6 +156,9 @@ class ChainInfo(BaseModel):
     max_prompt: Count
     max_batch: Count
 
+    def spec(self) -> ChainSpec:
+        return ChainSpec.from_dict(self.model_dump())
+
 
 def _found(e: dict) -> str:
     """", found X" for a validation error `e` about a value (not for a missing one)."""
@@ -165,16 +168,6 @@ def _found(e: dict) -> str:
     return f", found {found if len(found) <= 40 else found[:37] + '...'}"
 
 
-def _typed(kind: type[BaseModel], v: dict) -> dict:
-    """`v` if it is a valid `kind`, else a ValueError naming the first broken field inside it."""
-    try:
-        kind.model_validate(json.loads(json.dumps(v)), strict=True)  # as read from JSON: tuples are lists
-    except ValidationError as err:
-        e = err.errors()[0]
-        raise ValueError(f"{'.'.join(map(str, e['loc']))}: {e['msg']}{_found(e)}") from None
-    return v
-
-
 class Manifest(BaseModel):
     """Everything needed to load and check an artifact directory."""
 
@@ -182,9 +175,9 @@ class Manifest(BaseModel):
 
     format: str
     producer: dict[str, str]
-    model: dict
-    plan: dict
-    chain: dict
+    model: ModelInfo
+    plan: dict  # a record of the plan; `btp.compiler.plan.Plan.parse` reads it (runtime does not need it)
+    chain: ChainInfo
     build: BuildOptions
     graphs: dict[str, GraphInfo]
     files: dict[str, FileInfo]
@@ -192,21 +185,11 @@ class Manifest(BaseModel):
     engines: dict[str, str] = Field(default_factory=dict)  # graph -> engines/{graph}.engine (TensorRT builds)
     tensorrt: str | None = None  # the TensorRT version that built them
 
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: dict) -> dict:
-        return _typed(ModelInfo, v)
-
-    @field_validator("chain")
-    @classmethod
-    def _chain(cls, v: dict) -> dict:
-        return _typed(ChainInfo, v)
-
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
         """The parts agree: the chain's graphs are the listed graphs, its bounds are the build's, and its
         sizes are the model's."""
-        m, c, b = ModelInfo.model_validate(self.model), ChainInfo.model_validate(self.chain), self.build
+        m, c, b = self.model, self.chain, self.build
 
         def need(ok: bool, what: str) -> None:
             if not ok:

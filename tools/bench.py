@@ -48,14 +48,14 @@ def cached_artifact(root: Path, manifest, plan, label: str, log=print, backend: 
     from .cache import compile_cached
 
     b = manifest.build
-    fp = manifest.model["fingerprint"][:16]
+    fp = manifest.model.fingerprint[:16]
     text = plan if isinstance(plan, str) else plan.to_json()
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     key = f"{fp}-{b.dtype}-o{b.opset}-b{b.max_batch}-p{b.max_prompt}-n{b.max_new_tokens}"
     if backend != "onnxruntime":
         key += f"-{backend}"
     out = root.parent / ".btp-bench-cache" / (f"{label}-{key}" if label == "none" else f"{label}-{key}-{digest}")
-    return compile_cached(out, manifest.model["name"], plan, b.bounds, log, backend=backend, dtype=b.dtype,
+    return compile_cached(out, manifest.model.name, plan, b.bounds, log, backend=backend, dtype=b.dtype,
                           opset=b.opset, tf32=backend == "tensorrt" and b.tf32 is not False)  # None: TensorRT's default
 
 
@@ -157,7 +157,7 @@ def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: 
         if rebuild:
             twin = _rebuild(twin, lambda: unpruned_twin(root, manifest, log, backend))
         pipes["unpruned"] = Pipeline.load(twin, backend=backend, device=device)
-    model = load_model(manifest.model["name"], dtype=manifest.build.dtype)
+    model = load_model(manifest.model.name, dtype=manifest.build.dtype)
     graphs = {name: list(p.engines) for name, p in pipes.items()}
     runners = {name: (lambda p=p: p.generate(images, prompts, max_new_tokens=new_tokens,
                                              min_new_tokens=new_tokens).timings) for name, p in pipes.items()}
@@ -171,15 +171,14 @@ def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: 
         for name, run in runners.items():  # interleaved: pruned, unpruned, hf, pruned, ...
             runs[name].append(dict(run()))
     prompt_len = len(pruned.prepare(images[:1], prompts[:1]).input_ids[0])
-    text_tokens = prompt_len - manifest.model["image_tokens"]
+    text_tokens = prompt_len - manifest.model.image_tokens
     report: dict = {"artifact": str(root), "prompt_tokens": prompt_len, "text_tokens": text_tokens,
                     "new_tokens": new_tokens, "batch": batch, "repeat": repeat}
     for name in pipes:
         report[name] = _summary(runs[name], graphs[name])
         report[name]["kv_cache_bytes"] = _kv_bytes(pipes[name], images, prompts)
     plan = Plan.parse(manifest.plan)
-    m = manifest.model
-    d, inter = m["hidden_size"], m["intermediate_size"]
+    d, inter = manifest.model.hidden_size, manifest.model.intermediate_size
     none = Plan.parse({**manifest.plan, "stages": []})
     fixed = fixed_flops(model)
     flops_pruned, flops_none = plan.flops(d, inter, text_tokens), none.flops(d, inter, text_tokens)
@@ -275,7 +274,7 @@ def sweep(out: str | Path, kind: str, prompt_tokens: int, batch: int, repeat: in
 
     root = Path(out)
     manifest = read_manifest(root)
-    model = load_model(manifest.model["name"], dtype=manifest.build.dtype)
+    model = load_model(manifest.model.name, dtype=manifest.build.dtype)
     plans = sweep_plans(kind, model, names)
     if not plans:
         raise InputError(f"--sweep {kind}: no plan fits this model")
@@ -290,7 +289,7 @@ def sweep(out: str | Path, kind: str, prompt_tokens: int, batch: int, repeat: in
     first = next(iter(pipes.values()))
     prompt = make_prompt(first.processor.tokenizer, prompt_tokens)
     images, prompts = [sample_image()] * batch, [prompt] * batch
-    text_tokens = len(first.prepare(images[:1], prompts[:1]).input_ids[0]) - manifest.model["image_tokens"]
+    text_tokens = len(first.prepare(images[:1], prompts[:1]).input_ids[0]) - manifest.model.image_tokens
     ttft: dict[str, list[float]] = {label: [] for label in pipes}
     for p in pipes.values():
         p.generate(images, prompts, max_new_tokens=1)

@@ -329,9 +329,9 @@ def check_artifact(out: str | Path, images, prompts, steps: int = 8, save: Path 
     root = Path(out)
     manifest = read_manifest(root)
     dtype = manifest.build.dtype
-    model = load_model(manifest.model["name"], dtype=dtype)
+    model = load_model(manifest.model.name, dtype=dtype)
     plan = Plan.parse(manifest.plan, source=f"{root}/manifest.json plan")
-    ref = reference_pipeline(model, plan, max_positions=manifest.chain["max_positions"])
+    ref = reference_pipeline(model, plan, max_positions=manifest.chain.max_positions)
     pipe = Pipeline.load(root)
     feeds = capture_feeds(ref, [([i], [p]) for i, p in zip(images, prompts)], steps)
     if save is not None:

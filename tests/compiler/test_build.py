@@ -105,7 +105,7 @@ def test_manifest_describes_the_artifact(artifact):
                               "stage3", "prune4", "stage4", "head"]
     assert m.graphs["prune1"].outputs[0].shape == ["batch", "seq - 32", 64]
     assert m.graphs["stage0"].exporter.startswith("torch.onnx.export(dynamo=True)")
-    assert m.plan["stages"][0]["keep"] == 32 and m.model["image_tokens"] == 64
+    assert m.plan["stages"][0]["keep"] == 32 and m.model.image_tokens == 64
     assert all(rel in m.files for rel in ("onnx/prune1.onnx", "processor/tokenizer.json"))
     assert m.build.max_prompt == 256
 

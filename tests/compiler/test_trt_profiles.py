@@ -19,12 +19,12 @@ def manifest(artifact):
 def _bounds(m):
     from types import SimpleNamespace
 
-    return SimpleNamespace(**vars(m.build.bounds), image_tokens=m.chain["image_tokens"])
+    return SimpleNamespace(**vars(m.build.bounds), image_tokens=m.chain.image_tokens)
 
 
 def test_stage_graphs_get_prefill_and_decode_profiles_with_their_own_lengths(manifest):
     bounds = _bounds(manifest)
-    for st in manifest.chain["stages"]:
+    for st in manifest.chain.model_dump()["stages"]:
         prefill, decode = manifest_profiles(manifest, st["name"])
         longest = bounds.max_prompt - bounds.image_tokens + st["image_tokens"]
         assert prefill["inputs_embeds"][2][1] == longest and prefill["inputs_embeds"][2][0] == bounds.max_batch

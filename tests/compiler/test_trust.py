@@ -265,7 +265,7 @@ def _tiny_vocab():
     (lambda d: d["chain"]["stages"][-1].update(image_tokens=10**4), "must not grow"),
     (lambda d: d["chain"]["stages"][0].update(name="stage9"), "differ from the chain's"),
     (lambda d: d["chain"].update(dtype="float16"), "chain dtype float16 differs"),
-    (lambda d: d["model"].update(fingerprint="not-hex"), "at model: fingerprint: String should match .* found"),
+    (lambda d: d["model"].update(fingerprint="not-hex"), "at model.fingerprint: String should match .* found"),
     (lambda d: d["build"].update(backend="tensorrt"), "disagrees with 0 engines"),
     (lambda d: d["graphs"]["head"]["inputs"][0]["shape"].__setitem__(0, 3), "has shape .* the manifest says"),
     (lambda d: d["graphs"]["head"]["outputs"][0].update(dtype="float16"), "the manifest says float16"),

@@ -107,6 +107,6 @@ def test_the_twin_is_built_like_the_artifact(tmp_path, monkeypatch, backend, tf3
 
     b = SimpleNamespace(dtype="float32", opset=18, max_batch=2, max_prompt=128, max_new_tokens=8, tf32=tf32,
                         bounds=Bounds(2, 128, 8))
-    manifest = SimpleNamespace(build=b, model={"fingerprint": "f" * 16, "name": "builtin:tiny-llava"})
+    manifest = SimpleNamespace(build=b, model=SimpleNamespace(fingerprint="f" * 16, name="builtin:tiny-llava"))
     bench.unpruned_twin(tmp_path / "art", manifest, log=lambda m: None, backend=backend)
     assert seen[0].backend == backend and seen[0].tf32 is expected

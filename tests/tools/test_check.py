@@ -133,7 +133,7 @@ def test_captured_feeds_split_into_the_prefill_and_decode_profiles(artifact, tin
     from btp.compiler.trt_profiles import manifest_profiles
 
     m = read_manifest(artifact("btp"))
-    ref = reference_pipeline(tiny, Plan.parse(m.plan), max_positions=m.chain["max_positions"])
+    ref = reference_pipeline(tiny, Plan.parse(m.plan), max_positions=m.chain.max_positions)
     feeds = check.capture_feeds(ref, [(images, ["What is shown?", "Describe the picture."])], steps=3)
     for name in m.graphs:
         groups, unfit = check.group_by_profile(feeds[name], manifest_profiles(m, name))
