@@ -7,7 +7,7 @@ import sys
 
 from btp.runtime import InputError, Pipeline
 from btp.runtime.cli import add_common, check_writable, print_json, run_main
-from btp.runtime.pipeline import check_image_size, check_prompt_text, to_rgb
+from btp.runtime.inputs import check_image_size, check_prompt_text, to_rgb
 
 
 def parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from btp.compiler import reference_pipeline
 from btp.runtime import InputError
-from btp.runtime.pipeline import to_rgb
+from btp.runtime.inputs import to_rgb
 
 
 @pytest.fixture(scope="module")
