@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from btp.runtime.cli import add_alias, add_common, check_writable, print_json, run_main
+from btp.runtime.cli import add_alias, add_common, check_writable, print_json, run_main, save_figure
 
 from .calibrate import Profile, Target, calibrate
 from .calibration_data import load_samples
@@ -157,10 +157,7 @@ def plot_profile(profile: Profile, plan: Plan, rule: Plan, path: str | Path, bas
     bottom.set_xlabel("decoder layer (0-based)")
     bottom.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

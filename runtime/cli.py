@@ -65,6 +65,29 @@ def print_json(doc: dict) -> None:
     print(json.dumps(doc), flush=True)
 
 
+def emit(report: dict, as_json: bool, show: Callable[[dict], None], plot_path=None,
+         plot: Callable[[dict, str], object] | None = None) -> int:
+    """Finish a report command: draw `plot_path` with `plot` when asked, then print the report as JSON or with
+    `show`; returns exit code 0."""
+    if plot_path and plot is not None:
+        plot(report, plot_path)
+    if as_json:
+        print_json(report)
+    else:
+        show(report)
+    return 0
+
+
+def save_figure(fig, path) -> Path:
+    """Write a matplotlib figure to `path` (PNG by its suffix) and close it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def run_main(body: Callable[[], int], debug: bool, prog: str) -> int:
     """Run a CLI body and return its exit code (see the module docstring): the body's own code (0, or 1 for a
     failed check), 2 with `prog: error: message` on stderr for a `BtpError`, 3 with one line for an unexpected

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from btp.runtime import Pipeline
-from btp.runtime.cli import add_alias, add_common, check_writable, print_json, run_main
+from btp.runtime.cli import add_alias, add_common, check_writable, emit, print_json, run_main, save_figure
 from btp.runtime.dependencies import require, require_device
 from btp.runtime.errors import InputError
 from btp.runtime.manifest import read_manifest
@@ -327,10 +327,7 @@ def plot_sweep(report: dict, path: str | Path) -> Path:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def plot(report: dict, path: str | Path) -> Path:
@@ -363,10 +360,7 @@ def plot(report: dict, path: str | Path) -> Path:
     right.axvline(1.0, color="black", lw=0.8)
     right.set_title("ratios")
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,13 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--baseline takes unpruned and/or hf, got {sorted(unknown)}")
         report = bench(args.artifact, baselines, args.prompt_tokens, args.max_new_tokens, args.batch, args.repeat,
                        log=log, rebuild=args.rebuild, backend=args.backend, device=args.device)
-        if args.plot:
-            plot(report, args.plot)
-        if args.json:
-            print_json(report)
-        else:
-            _print(report)
-        return 0
+        return emit(report, args.json, _print, args.plot, plot)
 
     return run_main(body, args.debug, "btp-bench")
 

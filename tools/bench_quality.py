@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from btp.runtime.cli import add_common, check_writable, print_json, run_main, stdout_to_stderr
+from btp.runtime.cli import add_common, check_writable, emit, run_main, save_figure, stdout_to_stderr
 from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError, PlanError
 
@@ -225,10 +225,7 @@ def plot(report: dict, path: str | Path) -> Path:
     if methods:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def _floats(text: str, option: str) -> list[float]:
@@ -276,13 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         with stdout_to_stderr():  # whatever the compiler prints; stdout is the report
             report = quality(args.model, plans, budgets, calibrate, args.samples, args.batch, args.cache,
                              args.calibration_samples, log=lambda m: print(m, file=sys.stderr))
-        if args.plot:
-            plot(report, args.plot)
-        if args.json:
-            print_json(report)
-        else:
-            _print(report)
-        return 0
+        return emit(report, args.json, _print, args.plot, plot)
 
     return run_main(body, args.debug, "btp-bench-quality")
 
