@@ -157,6 +157,10 @@ class Pipeline:
         self.device = torch.device(device)
         self.manifest = None  # set when loaded from an artifact directory
         self.image_token = processor.tokenizer.convert_ids_to_tokens(spec.image_token_id)
+        # No token spells more characters than the vocabulary's longest: a prompt longer than max_prompt times that
+        # cannot fit, and is refused before the tokenizer spends time proportional to it.
+        vocab = processor.tokenizer.get_vocab() if hasattr(processor.tokenizer, "get_vocab") else {}
+        self._max_token_chars = max((len(t) for t in vocab), default=0) or None
 
     # ----------------------------------------------------------------------------------------- inputs
     def prompt_text(self, prompt: str) -> str:
@@ -183,6 +187,10 @@ class Pipeline:
             if not isinstance(p, str):
                 raise InputError(f"prompt {i}: expected a string, got {type(p).__name__}")
             check_prompt_text(p, f"prompt {i}")
+            limit = self.spec.max_prompt and self._max_token_chars and self.spec.max_prompt * self._max_token_chars
+            if limit and len(p) > limit:
+                raise InputError(f"prompt {i} too long: {len(p)} characters cannot fit in the artifact's "
+                                 f"{self.spec.max_prompt} tokens (at most {self._max_token_chars} characters a token)")
             text = self.prompt_text(p)
             found = text.count(self.image_token)
             if found != 1:

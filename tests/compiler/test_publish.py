@@ -79,7 +79,7 @@ def test_two_concurrent_compiles_of_one_out_are_serialised(tmp_path):
 
 
 def test_readers_never_see_a_mix_while_builds_switch_the_artifact(artifact, tmp_path):
-    a, b = artifact("btp"), artifact("fastv")
+    a, b = artifact("btp"), artifact("fastv")  # b: what `_compile(out, "fastv")` builds, too
     expected = [_signature(a), _signature(b)]
     assert expected[0] != expected[1]
     out = tmp_path / "builds" / "art"
@@ -96,6 +96,9 @@ def test_readers_never_see_a_mix_while_builds_switch_the_artifact(artifact, tmp_
             with build_lock(out):
                 publish(tmp, out)
             time.sleep(0.2 + 0.05 * (i % 3))  # a load takes about 0.1 s: a retried load does not meet the next
+        # ... and one real `btp-compile --force` (plan fastv) while the reader keeps loading.
+        build = subprocess.run(_compile(out, "fastv"), capture_output=True, text=True, timeout=600)
+        assert build.returncode == 0, build.stderr
     finally:
         stop.touch()
         rest, _ = reader.communicate(timeout=120)
@@ -106,7 +109,7 @@ def test_readers_never_see_a_mix_while_builds_switch_the_artifact(artifact, tmp_
     assert len(loads) >= 10
     assert all(load in expected for load in loads), "a load mixed two artifacts"
     assert expected[0] in loads and expected[1] in loads
-    assert _signature(out) == expected[0]  # the last switch put back the first
+    assert _signature(out) == expected[1]  # the real build's
     assert _siblings(out) == []
 
 

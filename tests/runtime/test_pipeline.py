@@ -149,6 +149,19 @@ def test_generate_and_stream_are_one_step_loop_seen_by_the_observer(pipe, images
     assert seen == prefill + ["head"] + (decode + ["head"]) * (n - 1)
 
 
+def test_a_huge_prompt_is_refused_before_tokenizing(artifact, monkeypatch):
+    """A prompt that cannot fit the artifact's max_prompt tokens, whatever its tokens, is refused from its length:
+    the tokenizer never sees it."""
+    from btp.runtime import Pipeline
+
+    pipe = Pipeline.load(artifact("btp"))
+    assert pipe._max_token_chars and pipe.spec.max_prompt
+    huge = "x" * (pipe.spec.max_prompt * pipe._max_token_chars + 1)
+    monkeypatch.setattr(pipe, "prompt_text", lambda *a: pytest.fail("the prompt reached the template and tokenizer"))
+    with pytest.raises(InputError, match=r"prompt 0 too long: \d+ characters cannot fit in the artifact's 256"):
+        pipe.prepare([Image.new("RGB", (32, 32))], [huge])
+
+
 def test_concurrent_generate_calls_match_sequential(pipe, images, assert_concurrent_calls_match_sequential):
     assert_concurrent_calls_match_sequential(pipe, images)
 
