@@ -1,6 +1,7 @@
-"""Runs a chain of compiled graphs: backends, the engine chain, per-stage KV caches and generation.
+"""Runs a chain of compiled graphs: the engine chain, per-stage KV caches, generation, inputs and errors.
 
-Imports no other `btp` package: an app that only runs engines needs neither tracing nor model code.
+Imports no other `btp` package at import time (`Pipeline.load` brings in `btp.artifact` and `btp.backends`):
+an app that only runs engines needs neither tracing nor model code.
 """
 
 from .chain import ChainSpec, Engine, StageLayout

@@ -417,7 +417,7 @@ class Pipeline:
         present and importable, else ONNX Runtime) or `onnxruntime`; `threads` and `optimization` set the
         ONNX Runtime session options. Raises `ArtifactError` naming the file that is missing, tampered with,
         of an unknown format, or whose graph I/O disagrees with the manifest."""
-        from .loading import load_pipeline
+        from btp.artifact.loading import load_pipeline
 
         return load_pipeline(cls, path, backend=backend, device=device, threads=threads,
                              optimization=optimization, verify=verify)

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
+from btp.artifact.manifest import ARTIFACT_FORMAT, MANIFEST, Manifest, read_manifest
 from btp.compiler import cli, resolve_plan
 from btp.compiler.build import BuildConfig, BuildError, compile_artifact
 from btp.runtime import ArtifactError, Pipeline
-from btp.runtime.manifest import ARTIFACT_FORMAT, MANIFEST, Manifest, read_manifest
 
 SMALL = ["--max-prompt", "256", "--max-new-tokens", "64"]
 

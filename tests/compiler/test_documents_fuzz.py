@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from btp.artifact.manifest import MANIFEST, read_manifest
 from btp.runtime import ArtifactError, BtpError, Pipeline
-from btp.runtime.manifest import MANIFEST, read_manifest
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -4,13 +4,13 @@ shapes the runtime actually feeds are all derived from them, and they agree."""
 import onnx
 import pytest
 
+from btp.artifact.manifest import read_manifest
 from btp.compiler.assemble import build_graphs
 from btp.compiler.export import export_dims
 from btp.compiler.presets import resolve_plan
 from btp.compiler.trt_profiles import manifest_profiles
 from btp.runtime import Pipeline
 from btp.runtime.chain import Bounds
-from btp.runtime.manifest import read_manifest
 
 LIMITS = Bounds(max_batch=4, max_prompt=256, max_new_tokens=64)  # the conftest artifacts' bounds
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from btp.artifact.manifest import read_manifest
 from btp.compiler.cli import main as compile_main
 from btp.compiler.publish import build_lock, lock_path, publish, temp_prefix
 from btp.runtime import Pipeline
-from btp.runtime.manifest import read_manifest
 
 SAMPLE = Path(__file__).resolve().parents[2] / "tools" / "data" / "sample.png"
 SMALL = ["--max-batch", "4", "--max-prompt", "256", "--max-new-tokens", "64"]  # the conftest artifacts' limits

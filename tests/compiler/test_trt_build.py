@@ -83,7 +83,7 @@ def test_refusals_reported_by_return_value_name_the_graph(builder, config, messa
 
 
 def test_tf32_is_recorded_in_the_manifest_of_tensorrt_builds_only(artifact):
-    from btp.runtime.manifest import read_manifest
+    from btp.artifact.manifest import read_manifest
 
     build = read_manifest(artifact("btp")).build
     assert build.backend == "onnxruntime" and build.tf32 is None

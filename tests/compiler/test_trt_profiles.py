@@ -4,9 +4,9 @@ import importlib.util
 
 import pytest
 
+from btp.artifact.manifest import read_manifest
 from btp.compiler.trt_profiles import manifest_profiles
 from btp.runtime import ArtifactError, Pipeline
-from btp.runtime.manifest import read_manifest
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 

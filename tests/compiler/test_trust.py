@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
+from btp.artifact.manifest import MANIFEST, read_manifest
 from btp.compiler.cli import main as compile_main
 from btp.runtime import ArtifactError, Pipeline
-from btp.runtime.manifest import MANIFEST, read_manifest
 
 
 @pytest.fixture
@@ -301,7 +301,7 @@ def test_an_unreadable_listed_file_is_an_artifact_error(copy, monkeypatch):
     read instead."""
     import errno
 
-    from btp.runtime import manifest as m
+    from btp.artifact import manifest as m
 
     root, _ = copy
     real = m.sha256_file
@@ -360,7 +360,7 @@ def _externalise(root, graph, location, listed=True):
     artifact's files, as a careful tamperer would."""
     import onnx
 
-    from btp.runtime.manifest import file_table
+    from btp.artifact.manifest import file_table
 
     path = root / "onnx" / f"{graph}.onnx"
     model = onnx.load(str(path))

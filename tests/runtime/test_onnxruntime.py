@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from btp.backends.onnxruntime_backend import OrtEngine
 from btp.compiler import reference_pipeline
 from btp.runtime import Pipeline
-from btp.runtime.onnxruntime_backend import OrtEngine
 from btp.tools.check import capture_feeds
 
 PROMPTS = ["What is shown in the image?", "Describe the colours and the shapes of everything you see here."]

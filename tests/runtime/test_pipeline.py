@@ -171,6 +171,8 @@ def test_concurrent_generate_calls_match_sequential(pipe, images, assert_concurr
     [
         ("btp.runtime", ("btp.compiler", "btp.graphs", "btp.tools", "transformers")),  # no model code either
         ("btp.graphs", ("btp.compiler", "btp.runtime", "btp.tools")),
+        ("btp.artifact", ("btp.compiler", "btp.graphs", "btp.tools", "transformers")),
+        ("btp.backends", ("btp.compiler", "btp.graphs", "btp.tools", "btp.artifact", "transformers")),
     ],
 )
 def test_dependencies_point_one_way(package, forbidden):

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from btp.runtime.manifest import MANIFEST, file_table, read_manifest
+from btp.artifact.manifest import MANIFEST, file_table, read_manifest
 from btp.tools import check
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from btp.artifact.manifest import MANIFEST, file_table
 from btp.compiler import calibrate_cli
 from btp.compiler import cli as compile_cli
 from btp.runtime.dependencies import importable
-from btp.runtime.manifest import MANIFEST, file_table
 from btp.tools import bench, bench_quality, check, demo, gpu_check, run, train_toy
 
 SAMPLE = "tools/data/sample.png"

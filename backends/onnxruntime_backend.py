@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .dependencies import require, require_device
-from .errors import ArtifactError, DependencyError
+from btp.runtime.dependencies import require, require_device
+from btp.runtime.errors import ArtifactError, DependencyError
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from . import names as n
-from .dependencies import require, require_device
-from .errors import ArtifactError
+from btp.runtime import names as n
+from btp.runtime.dependencies import require, require_device
+from btp.runtime.errors import ArtifactError
 
 ALIGNMENT = 256  # bytes: TensorRT's setTensorAddress asks for pointers with at least 256-byte alignment
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from btp.backends.onnxruntime_backend import ELEMENT_TYPES, OrtEngine
 from btp.runtime import Pipeline
-from btp.runtime.onnxruntime_backend import ELEMENT_TYPES, OrtEngine
 
 PROMPTS = ["What is shown in the image?", "Describe the colours and the shapes of everything you see here."]
 

@@ -6,10 +6,11 @@ import logging
 import os
 from pathlib import Path
 
-from .dependencies import require, require_device
-from .errors import ArtifactError, InputError
+from btp.backends.onnxruntime_backend import OrtEngine, SessionOptions
+from btp.runtime.dependencies import require, require_device
+from btp.runtime.errors import ArtifactError, InputError
+
 from .manifest import MANIFEST, read_manifest
-from .onnxruntime_backend import OrtEngine, SessionOptions
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _use_tensorrt(backend: str, manifest, root: Path) -> bool:
     """auto: TensorRT where the artifact has engines and TensorRT is importable; else ONNX Runtime."""
     if backend == "onnxruntime":
         return False
-    from .tensorrt_backend import tensorrt_version
+    from btp.backends.tensorrt_backend import tensorrt_version
 
     available = bool(manifest.engines) and tensorrt_version() is not None
     if backend == "tensorrt" and not available:
@@ -132,7 +133,7 @@ def _load(cls, root: Path, backend: str, device: str, threads: int, optimization
     scratch = None
     for name, info in manifest.graphs.items():
         if use_trt:
-            from .tensorrt_backend import SharedScratch, TrtEngine
+            from btp.backends.tensorrt_backend import SharedScratch, TrtEngine
 
             file = root / manifest.engines[name]
             device = device if device.startswith("cuda") else "cuda"

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from btp.runtime import ArtifactError, tensorrt_backend
-from btp.runtime.tensorrt_backend import (
+from btp.backends import tensorrt_backend
+from btp.backends.tensorrt_backend import (
     ALIGNMENT,
     REUSED_OUTPUTS,
     OutputPool,
@@ -21,6 +21,7 @@ from btp.runtime.tensorrt_backend import (
     memory_size,
     reuses_buffer,
 )
+from btp.runtime import ArtifactError
 
 CPU = torch.device("cpu")
 # A stage-like engine: prefill (past 0, seq 1..8) and decode (seq 1, past 1..12), batch 1..2.
@@ -252,7 +253,7 @@ def test_runs_enter_the_engine_device(engine, monkeypatch):
 
 
 def test_device_scope_is_torch_cuda_device_for_cuda():
-    from btp.runtime.tensorrt_backend import device_scope as real_scope
+    from btp.backends.tensorrt_backend import device_scope as real_scope
 
     ctx = real_scope(torch.device("cuda", 1))
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1

@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from .chain import Bounds, ChainSpec
-from .errors import ArtifactError
+from btp.runtime.chain import Bounds, ChainSpec
+from btp.runtime.errors import ArtifactError
 
 ARTIFACT_FORMAT = "btp-artifact/1"
 MANIFEST = "manifest.json"
