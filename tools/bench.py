@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from btp.artifact.manifest import read_manifest
 from btp.runtime import Pipeline
 from btp.runtime.cli import add_alias, add_common, check_writable, emit, print_json, run_main, save_figure
 from btp.runtime.dependencies import require, require_device
 from btp.runtime.errors import InputError
-from btp.runtime.manifest import read_manifest
 
 from .samples import sample_image
 
@@ -127,10 +127,6 @@ def _summary(runs: list[dict], graphs: list[str]) -> dict:
         "decode_tokens_per_s": med("decode_tokens_per_s"),
         "prefill_ms": {g: med(g) for g in graphs if all(g in r for r in runs)},
     }
-
-
-def _layer_averaged(plan) -> float:
-    return plan.average_image_tokens()
 
 
 def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: int, batch: int,
