@@ -17,9 +17,7 @@ from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from btp.runtime.dependencies import require
-from btp.runtime.errors import ArtifactError, BuildError
-from btp.runtime.manifest import (
+from btp.artifact.manifest import (
     ARTIFACT_FORMAT,
     MANIFEST,
     BuildOptions,
@@ -30,7 +28,9 @@ from btp.runtime.manifest import (
     file_table,
     read_manifest,
 )
-from btp.runtime.tensorrt_backend import tensorrt_version
+from btp.backends.tensorrt_backend import tensorrt_version
+from btp.runtime.dependencies import require
+from btp.runtime.errors import ArtifactError, BuildError
 
 from .assemble import build_graphs
 from .export import EXPORTER, Exported, Limits, export_graph

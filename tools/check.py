@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from btp.artifact.manifest import read_manifest
+from btp.backends.tensorrt_backend import fit_profile, tensorrt_version
 from btp.runtime import Pipeline
 from btp.runtime.cli import FAILED, OK, add_alias, add_common, check_writable, print_json, run_main, stdout_to_stderr
 from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError
-from btp.runtime.manifest import read_manifest
-from btp.runtime.tensorrt_backend import fit_profile, tensorrt_version
 
 FP32_TOL = 1e-4
 # fp16/bf16 thresholds: median relative error, its 99th percentile, and the cosine of every output.
@@ -366,7 +366,7 @@ def check_artifact(out: str | Path, images, prompts, steps: int = 8, save: Path 
 
 def _backend(pipe) -> str:
     """The backend `Pipeline.load` picked for the end-to-end comparison."""
-    from btp.runtime.tensorrt_backend import TrtEngine
+    from btp.backends.tensorrt_backend import TrtEngine
 
     return "tensorrt" if any(isinstance(e, TrtEngine) for e in pipe.engines.values()) else "onnxruntime"
 
