@@ -245,12 +245,6 @@ def _get(doc, path):
     return doc
 
 
-def _tiny_vocab():
-    from btp.compiler import load_model
-
-    return len(load_model("builtin:tiny-llava").processor.tokenizer)
-
-
 @pytest.mark.parametrize(("change", "match"), [
     (lambda d: d["chain"].update(image_token_id=d["chain"]["image_token_id"] + 1), "is not the processor's"),
     (lambda d: d["chain"].update(pad_token_id=d["chain"]["pad_token_id"] + 1), "pad_token_id .* is not the"),
