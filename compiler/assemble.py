@@ -10,11 +10,12 @@ from btp.runtime.chain import ChainSpec, StageLayout
 from .plan import Plan
 
 
-def stage_layout(plan: Plan) -> list[StageLayout]:
-    """Stage graphs `[L_s, L_{s+1})` cut at the plan's layers; a prune runs before each cut (incl. layer 0)."""
+def stage_layout(plan: Plan, every_layer: bool = False) -> list[StageLayout]:
+    """Stage graphs `[L_s, L_{s+1})` cut at the plan's layers; a prune runs before each cut (incl. layer 0).
+    `every_layer`: one stage per layer (cuts without a plan stage have no prune)."""
     depth, n0 = plan.model.num_layers, plan.model.image_tokens
     by_layer = {s.layer: s for s in plan.stages}
-    cuts = sorted({0, *by_layer, depth})
+    cuts = list(range(depth + 1)) if every_layer else sorted({0, *by_layer, depth})
     out, alive = [], n0
     for j, (a, b) in enumerate(zip(cuts, cuts[1:])):
         prune = None
@@ -35,14 +36,18 @@ def recipes(plan: Plan) -> list[Recipe]:
     return out
 
 
-def build_graphs(model, plan: Plan, max_positions: int | None = None) -> tuple[dict[str, nn.Module], ChainSpec]:
-    """`model` (a `LoadedModel`) and a checked `plan` -> graph modules keyed by name, and the chain spec."""
+def build_graphs(model, plan: Plan, max_positions: int | None = None,
+                 per_layer: bool = False) -> tuple[dict[str, nn.Module], ChainSpec]:
+    """`model` (a `LoadedModel`) and a checked `plan` -> graph modules keyed by name, and the chain spec.
+
+    `per_layer` (calibration's statistics chain, run in torch and never exported): one stage per layer, each
+    handing over all rows and its last query row's attention probabilities as `scores [B,P+T]`."""
     fam, hf, dtype = model.family, model.hf, model.dtype
     t = model.text_config
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     layers = fam.decoder_layers(hf)
     rotary = fam.rotary(hf, max_positions)
-    layout = stage_layout(plan)
+    layout = stage_layout(plan, every_layer=per_layer)
     recipe_of = dict(zip((s.prune for s in layout if s.prune), recipes(plan)))
     n0 = model.image_tokens
     graphs: dict[str, nn.Module] = {"vision": fam.vision(hf, dtype), "embed": fam.embed(hf, dtype)}
@@ -50,14 +55,16 @@ def build_graphs(model, plan: Plan, max_positions: int | None = None) -> tuple[d
     for j, st in enumerate(layout):
         nxt = layout[j + 1] if j + 1 < len(layout) else None
         wants_scores = nxt is not None and nxt.prune is not None and recipe_of[nxt.prune].attention > 0
+        score_mode = "probs" if per_layer else (plan.score if wants_scores else None)
         if st.prune:
             graphs[st.prune] = PruneGraph(st.prune, recipe_of[st.prune], t.hidden_size, dtype, image_tokens=n0)
         graphs[st.name] = StageGraph(
             st.name, [layers[i] for i in st.layers], st.layers[0], rotary, t.num_key_value_heads, head_dim,
-            t.hidden_size, dtype, score_mode=plan.score if wants_scores else None, final=nxt is None,
+            t.hidden_size, dtype, score_mode=score_mode, final=nxt is None and not per_layer,
             image_tokens=n0, alive=st.image_tokens,
         )
     graphs["head"] = fam.head(hf, dtype)
+    graphs["head"].all_rows = per_layer
     tok = model.processor.tokenizer
     eos = hf.generation_config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from btp.graphs.layers import additive_mask
+from btp.runtime import names
 from btp.runtime.errors import InputError, PlanError
 
-from .assemble import build_graphs
 from .calibration_data import Sample
 from .cost import decoder_flops
 from .plan import FORMAT, Plan, Stage
@@ -71,12 +70,12 @@ def _batches(samples: Sequence[Sample], size: int):
         yield samples[i : i + size]
 
 
-def _prepare(pipe, batch: Sequence[Sample]):
+def _prefill(pipe, batch: Sequence[Sample], observe):
+    """`pipe.prefill` over `batch` with the observer; an `InputError` names the sample the model cannot take."""
     try:
-        return pipe.prepare([s.image for s in batch], [s.prompt for s in batch])
+        return pipe.prefill([s.image for s in batch], [s.prompt for s in batch], on_graph=observe)
     except InputError as err:
-        # Name the sample: the batch is small, so find the one the model cannot take.
-        for s in batch:
+        for s in batch:  # the batch is small: find the sample
             try:
                 pipe.prepare([s.image], [s.prompt])
             except InputError as one:
@@ -84,42 +83,55 @@ def _prepare(pipe, batch: Sequence[Sample]):
         raise
 
 
+class _LayerStatistics:
+    """An observer of the per-layer chain: for every stage graph (one decoder layer), the image tokens whose
+    hidden state turns by more than `tau` and the last prompt token's attention mass on the image span."""
+
+    def __init__(self, spec, tau: float):
+        self.n0, self.tau, self.image_token_id = spec.image_tokens, tau, spec.image_token_id
+        self.layer = {st.name: st.layers[0] for st in spec.stages}
+        depth = len(self.layer)
+        self.drift = torch.zeros(depth, dtype=torch.float64)
+        self.mass = torch.zeros(depth, dtype=torch.float64)
+        self.text_tokens = 0.0
+        self.span = None
+
+    def __call__(self, name: str, feeds: dict, outputs: dict) -> None:
+        if name == names.EMBED:
+            is_image = feeds[names.INPUT_IDS] == self.image_token_id
+            start = torch.argmax(is_image.to(torch.int64), dim=1)
+            self.span = start[:, None] + torch.arange(self.n0, device=start.device)[None, :]  # [B,N0]
+            return
+        if name not in self.layer:
+            return
+        i = self.layer[name]
+        if i == 0:
+            self.text_tokens += float((feeds[names.ATTENTION_MASK].sum(1) - self.n0).sum())
+        rows = self.span[:, :, None].expand(-1, -1, feeds[names.INPUTS_EMBEDS].shape[2])
+        before = feeds[names.INPUTS_EMBEDS].gather(1, rows).float()
+        after = outputs[names.HIDDEN_STATES].gather(1, rows).float()
+        similarity = torch.nn.functional.cosine_similarity(before, after, dim=-1)  # [B,N0]
+        self.drift[i] += (similarity < self.tau).sum().item()
+        self.mass[i] += outputs[names.SCORES].gather(1, self.span).sum().item()
+
+
 @torch.inference_mode()
 def collect_profile(model, samples: Sequence[Sample], tau: float = 0.93, batch_size: int = 8,
                     progress: Progress | None = None) -> Profile:
-    """One unpruned pass per sample, layer by layer -> mean drift count and attention mass per layer."""
+    """One unpruned prefill per sample through the per-layer reference chain (`reference_pipeline(per_layer=
+    True)`), observed graph by graph -> mean drift count and attention mass per layer."""
     if not 0 < tau < 1:
         raise PlanError(f"--tau must be in (0, 1), got {tau}")
-    graphs, spec = build_graphs(model, resolve_plan("none", model))
-    pipe = reference_pipeline(model, "none")
-    stage = graphs["stage0"]
-    n0, depth = spec.image_tokens, len(stage.layers)
-    drift = torch.zeros(depth, dtype=torch.float64)
-    mass = torch.zeros(depth, dtype=torch.float64)
-    text_tokens, done = 0.0, 0
+    pipe = reference_pipeline(model, "none", per_layer=True)
+    stats = _LayerStatistics(pipe.spec, tau)
+    done = 0
     for batch in _batches(samples, batch_size):
-        inp = _prepare(pipe, batch)
-        b, t = inp.input_ids.shape
-        feats = graphs["vision"](inp.pixel_values)
-        h = graphs["embed"](inp.input_ids, feats)
-        pos = (inp.attention_mask.cumsum(-1) - 1).clamp_min(0)
-        cos, sin = stage.rotary(pos, h.dtype)
-        mask = additive_mask(inp.attention_mask, t)
-        span = inp.image_start[:, None] + torch.arange(n0)[None, :]  # [B,N0]
-        empty = torch.zeros(b, stage.num_kv_heads, 0, stage.head_dim, dtype=h.dtype)
-        for i, layer in enumerate(stage.layers):
-            before = h.gather(1, span[:, :, None].expand(-1, -1, h.shape[2])).float()
-            h, _, _, probs = layer(h, cos, sin, mask, empty, empty, "probs")
-            after = h.gather(1, span[:, :, None].expand(-1, -1, h.shape[2])).float()
-            similarity = torch.nn.functional.cosine_similarity(before, after, dim=-1)  # [B,N0]
-            drift[i] += (similarity < tau).sum().item()
-            mass[i] += probs.gather(1, span).sum().item()
-        text_tokens += float((inp.attention_mask.sum(1) - n0).sum())
-        done += b
+        _prefill(pipe, batch, stats)
+        done += len(batch)
         if progress:
             progress(done, len(samples))
-    return Profile(drift=(drift / done).tolist(), attention=(mass / done).tolist(), samples=done, tau=tau,
-                   text_tokens=text_tokens / done)
+    return Profile(drift=(stats.drift / done).tolist(), attention=(stats.mass / done).tolist(), samples=done,
+                   tau=tau, text_tokens=stats.text_tokens / done)
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -219,14 +231,10 @@ def _run_outputs(model, plan: Plan, samples: Sequence[Sample], batch_size: int) 
     captured: list[torch.Tensor] = []
 
     def observe(name, feeds, _outputs):
-        if name == "head":
-            captured.append(feeds["hidden_states"][:, -1].float())
+        if name == names.HEAD:
+            captured.append(feeds[names.HIDDEN_STATES][:, -1].float())
 
-    logits = []
-    for batch in _batches(samples, batch_size):
-        _prepare(pipe, batch)
-        logits.append(pipe.prefill([s.image for s in batch], [s.prompt for s in batch], on_graph=observe)
-                      .logits.float())
+    logits = [_prefill(pipe, batch, observe).logits.float() for batch in _batches(samples, batch_size)]
     return Reference(torch.cat(logits), torch.cat(captured))
 
 

@@ -40,9 +40,11 @@ class ReferencePipeline(Pipeline):
         self.plan = plan
 
 
-def reference_pipeline(model, plan="none", max_positions: int | None = None) -> ReferencePipeline:
-    """`model` (a `LoadedModel`) and a plan (a `Plan`, file or preset name) -> the chain over torch engines."""
+def reference_pipeline(model, plan="none", max_positions: int | None = None,
+                       per_layer: bool = False) -> ReferencePipeline:
+    """`model` (a `LoadedModel`) and a plan (a `Plan`, file or preset name) -> the chain over torch engines
+    (`per_layer`: one stage per layer, see `build_graphs`)."""
     checked = resolve_plan(plan, model)
-    graphs, spec = build_graphs(model, checked, max_positions)
+    graphs, spec = build_graphs(model, checked, max_positions, per_layer)
     engines = {name: TorchEngine(g) for name, g in graphs.items()}
     return ReferencePipeline(engines, spec, model.processor, checked, next(model.hf.parameters()).device)

@@ -20,6 +20,9 @@ class HeadGraph(nn.Module):
     def __init__(self, norm: RMSNorm, lm_head: nn.Linear, dtype: torch.dtype):
         super().__init__()
         self.norm, self.lm_head, self.dtype = norm, lm_head, dtype
+        # A chain whose last stage hands over every row (calibration's per-layer chain, never exported) sets this:
+        # the head then reads the last row of `[B,T,D]`.
+        self.all_rows = False
 
     def spec(self) -> GraphSpec:
         return GraphSpec(
@@ -29,4 +32,5 @@ class HeadGraph(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden_states[:, 0])).float()
+        row = hidden_states[:, -1] if self.all_rows else hidden_states[:, 0]
+        return self.lm_head(self.norm(row)).float()

@@ -19,9 +19,11 @@ def _hf_generate(model, inp, steps):
     return out.sequences[:, inp.input_ids.shape[1]:], list(out.logits)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_unpruned_chain_equals_hugging_face(tiny, images, batch):
-    pipe = reference_pipeline(tiny, "none")
+@pytest.mark.parametrize("batch,per_layer", [(1, False), (2, False), (2, True)])
+def test_unpruned_chain_equals_hugging_face(tiny, images, batch, per_layer):
+    # per_layer: calibration's statistics chain (one stage per layer, every row handed over) is the model too
+    pipe = reference_pipeline(tiny, "none", per_layer=per_layer)
+    assert len(pipe.spec.stages) == (tiny.num_layers if per_layer else 1)
     out = pipe.generate(images[:batch], PROMPTS[:batch], max_new_tokens=STEPS, output_logits=True)
     inp = pipe.prepare(images[:batch], PROMPTS[:batch])
     if batch == 2:
