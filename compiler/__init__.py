@@ -1,9 +1,9 @@
 """Model loading, plans, graph assembly and the PyTorch reference (ARCHITECTURE sections 2-4, 6)."""
 
 from btp.runtime.errors import BtpError, ModelError, PlanError
+from btp.toy.builtins import BUILTINS
 
 from .assemble import build_graphs, stage_layout
-from .builtins import BUILTINS
 from .models import LoadedModel, config_fingerprint, load_model
 from .plan import FORMAT, ModelInfo, Plan, Stage
 from .presets import PRESETS, model_info, resolve_plan

@@ -1,34 +1,22 @@
 """The calibration set of `btp-calibrate`: a directory of images plus `prompts.jsonl`, or `builtin` scenes.
 
-`builtin` draws text-free synthetic scenes (coloured shapes on a plain or two-tone background) with a question
-built from each scene, deterministically from a seed, so that calibration runs anywhere without a download.
+`builtin` draws scenes of the toy task (`btp.toy.task`: coloured shapes in a 3x3 grid) with a question about each,
+deterministically from a seed, so that calibration runs anywhere without a download.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from btp.runtime.errors import DataError
 
 PROMPTS = "prompts.jsonl"
 PLACEHOLDER = "<image>"
-
-COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-    "orange": (245, 140, 30), "purple": (140, 60, 190), "pink": (240, 120, 180), "cyan": (40, 200, 210),
-}
-SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond")
-PLURAL = {"cross": "crosses"}
-GRID = 3
-POSITIONS = ("top left", "top middle", "top right", "middle left", "centre", "middle right",
-             "bottom left", "bottom middle", "bottom right")
-RELATIONS = ("left of", "right of", "above", "below")
 
 
 @dataclass(frozen=True)
@@ -40,80 +28,13 @@ class Sample:
     source: str
 
 
-@dataclass(frozen=True)
-class _Obj:
-    shape: str
-    colour: str
-    cell: int  # index into POSITIONS, row-major on the GRID x GRID grid
-
-
 # --------------------------------------------------------------------------------------------- builtin
-def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "ring":
-        draw.ellipse(box, outline=fill, width=max(2, round(r / 3)))
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
-    elif shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-    elif shape == "cross":
-        t = r / 3
-        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
-        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
-    else:  # star
-        pts = [(cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
-                cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
-        draw.polygon(pts, fill=fill)
-
-
-def _scene(rng: random.Random, size: int) -> tuple[Image.Image, list[_Obj]]:
-    grey = rng.randint(70, 210)
-    tone = tuple(grey + rng.randint(-18, 18) for _ in range(3))  # a neutral, slightly tinted background
-    image = Image.new("RGB", (size, size), tone)
-    draw = ImageDraw.Draw(image)
-    if rng.random() < 0.5:  # two-tone: the second half a darker or lighter neutral
-        delta = -70 if grey > 140 else 60
-        other = tuple(c + delta for c in tone)
-        split = rng.randint(size // 3, 2 * size // 3)
-        draw.rectangle((0, split, size, size) if rng.random() < 0.5 else (split, 0, size, size), fill=other)
-    cell = size / GRID
-    objs = [_Obj(rng.choice(SHAPES), colour, c)
-            for colour, c in zip(rng.sample(sorted(COLOURS), rng.randint(1, 6)), rng.sample(range(GRID * GRID), 6))]
-    for o in objs:
-        r = cell * rng.uniform(0.22, 0.42)
-        jitter = cell / 2 - r
-        cx = (o.cell % GRID + 0.5) * cell + rng.uniform(-jitter, jitter)
-        cy = (o.cell // GRID + 0.5) * cell + rng.uniform(-jitter, jitter)
-        _draw(draw, o.shape, cx, cy, r, COLOURS[o.colour])
-    return image, objs
-
-
-def _question(rng: random.Random, objs: list[_Obj]) -> str:
-    a = rng.choice(objs)
-    shape = rng.choice([o.shape for o in objs] + [rng.choice(SHAPES)])
-    options = [
-        lambda: rng.choice(("Describe the image.", "What do you see in this picture?", "Describe the scene briefly.")),
-        lambda: f"What colour is the object in the {POSITIONS[a.cell]}?",
-        lambda: f"How many {PLURAL.get(shape, shape + 's')} are there?",
-        lambda: "How many objects are in the image?",
-        lambda: f"Where is the {a.colour} {a.shape}?",
-        lambda: f"What shape is the {a.colour} object?",
-        lambda: f"Is there a {rng.choice(sorted(COLOURS))} {shape} in the image?",
-        lambda: "List the colours of the shapes from left to right.",
-    ]
-    if len(objs) >= 2:
-        b = rng.choice([o for o in objs if o is not a])
-        options.append(lambda: f"Is there a {a.colour} {a.shape} {rng.choice(RELATIONS)} the {b.colour} {b.shape}?")
-        options.append(lambda: f"Is the {a.colour} {a.shape} bigger than the {b.colour} {b.shape}?")
-    return rng.choice(options)()
-
-
 def builtin_samples(n: int, seed: int = 0, size: int = 96) -> list[Sample]:
-    """`n` synthetic scenes with questions; sample i depends only on (seed, i), so smaller n gives a prefix."""
+    """`n` scenes of the toy task (`btp.toy.task`, the scenes `builtin:toy-vlm` learnt) with a question each,
+    `size` x `size` pixels; never a scene and question of its test split. Sample i depends only on (seed, i), so
+    smaller n gives a prefix."""
+    from btp.toy import task
+
     if n < 1:
         raise DataError(f"builtin: expected at least 1 sample, got {n}")
     if size < 24:
@@ -121,8 +42,11 @@ def builtin_samples(n: int, seed: int = 0, size: int = 96) -> list[Sample]:
     out = []
     for i in range(n):
         rng = random.Random(f"btp-calibration:{seed}:{i}")
-        image, objs = _scene(rng, size)
-        out.append(Sample(image=image, prompt=_question(rng, objs), source=f"builtin:{i + 1}"))
+        while True:
+            objects, question, _ = task.draw_question(rng, rng.choice(task.KINDS))
+            if not task.in_test_split(objects, question):
+                break
+        out.append(Sample(image=task.render(objects, size), prompt=question, source=f"builtin:{i + 1}"))
     return out
 
 

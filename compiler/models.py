@@ -12,8 +12,8 @@ import torch
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
 from btp.runtime.errors import ModelError
+from btp.toy.builtins import BUILTINS, build_builtin
 
-from .builtins import BUILTINS, build_builtin
 from .families import Family, family_for
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """`btp-bench-quality MODEL`: how much of a model's answers each plan keeps, on the toy task's test split.
 
 Every plan is compiled (ONNX Runtime, cached beside the report) and answers the held-out test split of
-`btp.tools.toy_task` with greedy decoding; the table gives exact-match accuracy, retained performance
+`btp.toy.task` with greedy decoding; the table gives exact-match accuracy, retained performance
 (pruned / unpruned accuracy), layer-averaged image tokens and the decoder FLOPs ratio per plan, the way
 the paper reports retained benchmark performance against its budget sweep. Presets run at their own
 budget or, with `--budgets`, scaled to each layer-averaged share; `--calibrate` adds `btp-calibrate` plans
@@ -22,8 +22,7 @@ from pathlib import Path
 from btp.runtime.cli import add_common, check_writable, emit, run_main, save_figure, stdout_to_stderr
 from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError, PlanError
-
-from . import toy_task
+from btp.toy import task as toy_task
 
 PRESET_NAMES = ("none", "btp", "fastv", "pdrop", "divprune")
 ANSWER_TOKENS = 6  # the longest answer ("bottom right") is three tokens; EOS ends the others early

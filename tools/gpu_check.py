@@ -96,9 +96,9 @@ def bench_on_gpu(entry: dict, log) -> list[dict]:
 def _matrix(models: str, presets: str, dtypes: str) -> tuple[list[str], list[str], list[str]]:
     """The comma lists of `--models`, `--presets` and `--dtypes`, each entry checked before any build: a
     missing model or an unknown preset is bad input (exit 2), not a failing artifact (exit 1)."""
-    from btp.compiler.builtins import BUILTINS
     from btp.compiler.models import DTYPES as KNOWN_DTYPES
     from btp.compiler.presets import PRESETS as KNOWN_PRESETS
+    from btp.toy.builtins import BUILTINS
 
     lists = [[x.strip() for x in text.split(",") if x.strip()] for text in (models, presets, dtypes)]
     for option, values in zip(("--models", "--presets", "--dtypes"), lists):

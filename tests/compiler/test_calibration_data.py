@@ -57,7 +57,7 @@ def test_builtin_does_not_touch_global_rng():
 
 
 def test_builtin_prompts_refer_to_scene_vocabulary():
-    from btp.compiler.calibration_data import COLOURS, SHAPES
+    from btp.toy.task import COLOURS, SHAPES
 
     words = set(COLOURS) | set(SHAPES) | {"describe", "see", "scene", "objects", "colours", "object", "crosses"}
     for s in builtin_samples(40, seed=7):

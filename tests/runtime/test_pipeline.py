@@ -169,10 +169,13 @@ def test_concurrent_generate_calls_match_sequential(pipe, images, assert_concurr
 @pytest.mark.parametrize(
     ("package", "forbidden"),
     [
-        ("btp.runtime", ("btp.compiler", "btp.graphs", "btp.tools", "transformers")),  # no model code either
-        ("btp.graphs", ("btp.compiler", "btp.runtime", "btp.tools")),
-        ("btp.artifact", ("btp.compiler", "btp.graphs", "btp.tools", "transformers")),
-        ("btp.backends", ("btp.compiler", "btp.graphs", "btp.tools", "btp.artifact", "transformers")),
+        ("btp.runtime", ("btp.compiler", "btp.graphs", "btp.tools", "btp.toy", "transformers")),  # no model code
+        ("btp.graphs", ("btp.compiler", "btp.runtime", "btp.tools", "btp.toy")),
+        ("btp.artifact", ("btp.compiler", "btp.graphs", "btp.tools", "btp.toy", "transformers")),
+        ("btp.backends", ("btp.compiler", "btp.graphs", "btp.tools", "btp.toy", "btp.artifact", "transformers")),
+        # the toy model, its task and trainer: only the error types of the runtime
+        ("btp.toy.builtins", ("btp.compiler", "btp.graphs", "btp.tools", "btp.artifact", "btp.backends")),
+        ("btp.toy.trainer", ("btp.compiler", "btp.graphs", "btp.tools", "btp.artifact", "btp.backends")),
     ],
 )
 def test_dependencies_point_one_way(package, forbidden):

@@ -5,7 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from btp.tools import bench_quality, toy_task
+from btp.tools import bench_quality
+from btp.toy import task as toy_task
 
 
 def test_answers_compare_without_case_or_final_stop():

@@ -9,7 +9,7 @@ from btp.compiler.plan import Plan
 from btp.compiler.presets import model_info
 from btp.tools.demo import kept_map, main
 from btp.tools.samples import TOY_ANSWER, toy_plan_path, toy_scene
-from btp.tools.toy_task import solve
+from btp.toy.task import solve
 
 
 def test_kept_map_marks_kept_patches():
@@ -25,7 +25,7 @@ def test_bundled_plan_fits_the_toy_model_at_22_percent():
 
 
 def test_bundled_scene_is_a_toy_task_image_with_the_stated_answer():
-    from btp.tools.toy_task import make_split
+    from btp.toy.task import make_split
 
     sample = make_split("test", 120)[75]
     assert np.array_equal(np.asarray(toy_scene()), np.asarray(sample.image))

@@ -139,7 +139,7 @@ BUILTINS: dict[str, BuiltinSpec] = {
         hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=16, vocab=1024, max_positions=4096,
     ),
     "toy-vlm": BuiltinSpec(
-        "trained on the toy shapes task (btp.tools.toy_task): 9x9 = 81 image tokens at 72 px, 6 text layers",
+        "trained on the toy shapes task (btp.toy.task): 9x9 = 81 image tokens at 72 px, 6 text layers",
         image_size=72, patch_size=8, vision_hidden=96, vision_layers=3, vision_heads=4,
         hidden=128, intermediate=384, layers=6, heads=4, kv_heads=2, vocab=512, max_positions=512,
         init_range=0.1, weights="data/toy-vlm",
@@ -256,7 +256,7 @@ def weights_dir(name: str):
     spec = BUILTINS[name]
     if spec.weights is None:
         raise ValueError(f"builtin {name!r} has random weights, not trained ones")
-    return resources.files("btp.compiler").joinpath(spec.weights)
+    return resources.files("btp.toy").joinpath(spec.weights)
 
 
 def build_builtin(name: str) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:

@@ -5,8 +5,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from btp.tools import toy_task
-from btp.tools.toy_task import (
+from btp.toy import task as toy_task
+from btp.toy.task import (
     ANSWERS,
     BACKGROUND,
     COLOURS,

@@ -4,9 +4,9 @@ import pytest
 from transformers import LlavaProcessor
 
 from btp.compiler import load_model
-from btp.compiler.builtins import BUILTINS, weights_dir
-from btp.tools import toy_task
-from btp.tools.train_toy import accuracy
+from btp.toy import task as toy_task
+from btp.toy.builtins import BUILTINS, weights_dir
+from btp.toy.training import accuracy
 
 pytestmark = pytest.mark.skipif(not weights_dir("toy-vlm").joinpath("model.safetensors").is_file(),
                                 reason="builtin:toy-vlm has no trained weights in the package yet (issue 7)")

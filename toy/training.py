@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from . import toy_task
+from . import task as toy_task
 
 BUILTIN = "toy-vlm"
 
@@ -176,7 +176,7 @@ def build(seed: int):
     that the vision tower's position embeddings start as codes of each patch's grid cell and position
     (`initial_positions`; the class position at zero), which shortens the plateau before the model learns to
     find a named cell."""
-    from btp.compiler.builtins import BUILTINS, build_processor, build_tokenizer, random_model
+    from .builtins import BUILTINS, build_processor, build_tokenizer, random_model
 
     spec = dataclasses.replace(BUILTINS[BUILTIN], seed=seed)
     processor = build_processor(spec, build_tokenizer(spec.vocab, toy_task.corpus()))

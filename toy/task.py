@@ -278,17 +278,27 @@ def make_sample(split: str, index: int) -> Sample:
     """Sample `index` of `split` ('train' or 'test'); deterministic in (split, index), kinds in rotation."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = random.Random(f"btp-toy-vlm:{split}:{index}")
     kind = KINDS[index % len(KINDS)]
-    if kind in ("colour", "shape", "size"):
-        objects, question, answer = _attribute_question(rng, kind)
-    elif kind == "where":
-        objects, question, answer = _where_question(rng)
-    elif kind == "count":
-        objects, question, answer = _count_question(rng)
-    else:
-        objects, question, answer = _left_of_question(rng)
+    objects, question, answer = draw_question(random.Random(f"btp-toy-vlm:{split}:{index}"), kind)
     return Sample(render(objects), question, answer, kind, objects)
+
+
+def draw_question(rng: random.Random, kind: str) -> tuple[tuple[Object, ...], str, str]:
+    """A scene, a question of `kind` (one of `KINDS`) about it and its answer, drawn from `rng`."""
+    if kind in ("colour", "shape", "size"):
+        return _attribute_question(rng, kind)
+    if kind == "where":
+        return _where_question(rng)
+    if kind == "count":
+        return _count_question(rng)
+    if kind == "left_of":
+        return _left_of_question(rng)
+    raise ValueError(f"question kind: expected one of {KINDS}, got {kind!r}")
+
+
+def in_test_split(objects: tuple[Object, ...], question: str) -> bool:
+    """Whether the fixed test split holds this scene with this question (training and calibration skip it)."""
+    return (objects, question) in _test_keys()
 
 
 @lru_cache(maxsize=1)
@@ -307,12 +317,11 @@ def iter_split(split: str, n: int | None = None) -> Iterator[Sample]:
             raise ValueError(f"the test split has {TEST_SIZE} samples, asked for {n}")
         yield from (make_sample("test", i) for i in range(n))
         return
-    held_out = _test_keys()
     index = count = 0
     while n is None or count < n:
         sample = make_sample(split, index)
         index += 1
-        if (sample.objects, sample.question) in held_out:
+        if in_test_split(sample.objects, sample.question):
             continue
         count += 1
         yield sample
