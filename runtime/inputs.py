@@ -61,3 +61,24 @@ def check_prompt_text(prompt: str, what: str = "prompt") -> None:
         found = f"the byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"the lone surrogate U+{c:04X}"
         raise InputError(f"{what}: not valid UTF-8 text: expected UTF-8, found {found} at character "
                          f"{err.start}") from err
+
+
+def open_image(path: str):
+    """The image file at `path` as RGB (high-bit-depth scaled by `to_rgb`), its size checked before decoding;
+    `InputError` for a missing, unreadable or oversized file."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                check_image_size(im.size, path)  # before decoding: a few hundred bytes can declare gigapixels
+                return to_rgb(im)
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: no such image file") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InputError(f"{path}: refused as a decompression bomb ({str(err).splitlines()[0][:120]})") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"{path}: not a readable image ({type(err).__name__})") from err

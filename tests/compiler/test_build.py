@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from btp.artifact.manifest import ARTIFACT_FORMAT, MANIFEST, Manifest, read_manifest
-from btp.compiler import cli, resolve_plan
+from btp.cli import compile as cli
+from btp.compiler import resolve_plan
 from btp.compiler.build import BuildConfig, BuildError, compile_artifact
 from btp.runtime import ArtifactError, Pipeline
 

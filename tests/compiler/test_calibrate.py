@@ -5,7 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from btp.compiler import Plan, calibrate_cli
+from btp.cli import calibrate as calibrate_cli
+from btp.compiler import Plan
 from btp.compiler.calibrate import (
     Genome,
     Profile,

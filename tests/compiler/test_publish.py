@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from btp.artifact.manifest import read_manifest
-from btp.compiler.cli import main as compile_main
+from btp.cli.compile import main as compile_main
 from btp.compiler.publish import build_lock, lock_path, publish, temp_prefix
 from btp.runtime import Pipeline
 
@@ -49,7 +49,7 @@ with build_lock(Path(sys.argv[1])):
 
 
 def _compile(out, plan="btp"):
-    return [sys.executable, "-m", "btp.compiler.cli", "builtin:tiny-llava", "--plan", plan, "-o", str(out),
+    return [sys.executable, "-m", "btp.cli.compile", "builtin:tiny-llava", "--plan", plan, "-o", str(out),
             "--force", *SMALL]
 
 

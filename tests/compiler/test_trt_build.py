@@ -108,7 +108,7 @@ def test_a_shared_timing_cache_is_read_and_rewritten_whole(tmp_path):
     (["--tf32"], "--tf32 sets how TensorRT builds fp32 engines"),
 ])
 def test_tensorrt_options_without_tensorrt_are_one_line_errors(tmp_path, capsys, extra, message):
-    from btp.compiler.cli import main
+    from btp.cli.compile import main
 
     out = tmp_path / "x"
     args = [a.format(tmp=tmp_path) for a in extra]

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from btp.artifact.manifest import MANIFEST, read_manifest
-from btp.compiler.cli import main as compile_main
+from btp.cli.compile import main as compile_main
 from btp.runtime import ArtifactError, Pipeline
 
 
@@ -139,7 +139,7 @@ def test_hostile_image_sizes_are_refused_before_any_decode(tmp_path, capsys, art
     header, before Pillow decodes it or the processor resizes it."""
     from PIL import Image
 
-    from btp.tools import run
+    from btp.cli import run
 
     path = tmp_path / "hostile.png"
     Image.new("L", size).save(path, optimize=True)
@@ -162,7 +162,7 @@ def test_pipeline_refuses_elongated_images_too(artifact):
 def test_threads_and_new_tokens_beyond_their_bounds_are_input_errors(artifact, capsys):
     import os
 
-    from btp.tools import run
+    from btp.cli import run
 
     art = str(artifact("btp"))
     assert run.main([art, "--image", "tools/data/sample.png", "--prompt", "Hi", "--threads", "1000000"]) == 2
@@ -272,7 +272,7 @@ def test_inconsistent_manifests_are_refused(copy, change, match):
 
 
 def test_manifest_nested_too_deeply_is_one_line(copy, capsys):
-    from btp.tools import run
+    from btp.cli import run
 
     root, _ = copy
     (root / MANIFEST).write_text('{"format": "btp-artifact/1", "model": ' + "[" * 100_000 + "]" * 100_000 + "}")

@@ -1,4 +1,4 @@
-"""What only a CUDA host can show (marked `gpu`, skipped elsewhere; `python -m btp.tools.gpu_check` runs them):
+"""What only a CUDA host can show (marked `gpu`, skipped elsewhere; `python -m btp.cli.gpu_check` runs them):
 the reference chain on CUDA against Hugging Face on CUDA, pruned against unpruned, and ONNX Runtime's CUDA
 binding (onnxruntime-gpu) against the reference."""
 

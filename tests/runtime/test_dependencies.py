@@ -95,7 +95,7 @@ def test_shadowed_onnxruntime_really_fails_to_import(shadow_env):
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is importable here")
 def test_compile_for_tensorrt_without_it_names_the_gpu_extra(capsys, tmp_path):
-    from btp.compiler.cli import main
+    from btp.cli.compile import main
 
     out = tmp_path / "trt"
     assert main(["builtin:tiny-llava", "--plan", "btp", "-o", str(out), "--backend", "tensorrt"]) == 2
@@ -106,7 +106,7 @@ def test_compile_for_tensorrt_without_it_names_the_gpu_extra(capsys, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_cuda_device_without_cuda_is_a_one_line_error(art, capsys):
-    from btp.tools import run
+    from btp.cli import run
 
     with pytest.raises(DependencyError, match="sees no CUDA device"):
         require_device("cuda")

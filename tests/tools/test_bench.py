@@ -6,13 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
+from btp.cli import bench as bench_cli
 from btp.runtime.dependencies import importable
 from btp.tools import bench
 
 
 def test_bench_reports_ratios_against_unpruned_and_hugging_face(artifact, tmp_path, capsys):
     png = tmp_path / "bench.png"
-    code = bench.main([str(artifact("btp")), "--repeat", "1", "--max-new-tokens", "3", "--prompt-tokens", "8",
+    code = bench_cli.main([str(artifact("btp")), "--repeat", "1", "--max-new-tokens", "3", "--prompt-tokens", "8",
                        "--json", "--plot", str(png)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
@@ -39,7 +40,7 @@ def test_bench_reports_ratios_against_unpruned_and_hugging_face(artifact, tmp_pa
 
 
 def test_bench_bad_baseline_exits_2(artifact, capsys):
-    assert bench.main([str(artifact("btp")), "--baseline", "trt"]) == 2
+    assert bench_cli.main([str(artifact("btp")), "--baseline", "trt"]) == 2
     assert "--baseline takes unpruned and/or hf" in capsys.readouterr().err
 
 
@@ -53,7 +54,7 @@ def test_bench_backend_and_device_it_cannot_use_exit_2(artifact, capsys, args, m
         pytest.skip("this machine has a CUDA device")
     if "tensorrt" in args and importable("tensorrt"):
         pytest.skip("tensorrt is importable here")
-    assert bench.main([str(artifact("btp")), *args]) == 2
+    assert bench_cli.main([str(artifact("btp")), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("btp-bench: error: ") and message in err[0]
 
@@ -61,7 +62,7 @@ def test_bench_backend_and_device_it_cannot_use_exit_2(artifact, capsys, args, m
 def test_sweep_presets_measures_each_plan(artifact, tmp_path, capsys):
     out = artifact("btp")
     png = tmp_path / "sweep.png"
-    code = bench.main([str(out), "--sweep", "presets", "--plans", "btp,none", "--repeat", "1", "--prompt-tokens",
+    code = bench_cli.main([str(out), "--sweep", "presets", "--plans", "btp,none", "--repeat", "1", "--prompt-tokens",
                        "8", "--json", "--plot", str(png)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
@@ -86,9 +87,9 @@ def test_budget_sweep_plans_hit_their_shares():
 
 
 def test_sweep_bad_arguments_exit_2(artifact, capsys):
-    assert bench.main([str(artifact("btp")), "--sweep", "budgets", "--plans", "half"]) == 2
+    assert bench_cli.main([str(artifact("btp")), "--sweep", "budgets", "--plans", "half"]) == 2
     assert "--plans with --sweep budgets takes shares" in capsys.readouterr().err
-    assert bench.main([str(artifact("btp")), "--plans", "btp"]) == 2
+    assert bench_cli.main([str(artifact("btp")), "--plans", "btp"]) == 2
     assert "--plans goes with --sweep" in capsys.readouterr().err
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 from PIL import Image
 
+from btp.cli import bench_quality as bench_quality_cli
 from btp.tools import bench_quality
 from btp.toy import task as toy_task
 
@@ -17,7 +18,7 @@ def test_answers_compare_without_case_or_final_stop():
 @pytest.fixture(scope="module")
 def briefly_trained(tmp_path_factory):
     """A toy-task model after a few training steps: the benchmark's mechanics, not its accuracy."""
-    from btp.tools import train_toy
+    from btp.cli import train_toy
 
     out = tmp_path_factory.mktemp("toy") / "model"
     args = ["--out", str(out), "--steps", "3", "--batch", "4", "--turns", "2", "--vision-steps", "2",
@@ -31,7 +32,7 @@ def test_quality_table_on_a_subset(tmp_path, capsys):
     is the unpruned model's sanity, >= 90% as compiled for ONNX Runtime. Count, its weakest kind (75% on the
     whole split), makes smaller subsets noisy: on the first 30 four of the five count answers are wrong."""
     png = tmp_path / "quality.png"
-    code = bench_quality.main(["builtin:toy-vlm", "--plans", "none,btp,pdrop", "--budgets", "0.3", "--samples",
+    code = bench_quality_cli.main(["builtin:toy-vlm", "--plans", "none,btp,pdrop", "--budgets", "0.3", "--samples",
                                "60", "--batch", "15", "--cache", str(tmp_path / "cache"), "--json", "--plot", str(png)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
@@ -52,7 +53,7 @@ def test_calibrated_plans_fall_back_to_fewer_stages_and_say_why_not(briefly_trai
     """On 6 layers four stages after layer 1 cannot get down to 30%, fewer may; nothing after layer 1 reaches
     11% (layer 0 alone is 1/6 of the layer average). stdout stays the bare JSON report while the compiler
     prints. The reason a plan is skipped is calibration's own error, from the library rather than a command line."""
-    code = bench_quality.main([str(briefly_trained), "--plans", "none", "--budgets", "0.3,0.11", "--calibrate",
+    code = bench_quality_cli.main([str(briefly_trained), "--plans", "none", "--budgets", "0.3,0.11", "--calibrate",
                                "drift", "--calibration-samples", "4", "--samples", "6", "--batch", "6", "--cache",
                                str(tmp_path / "cache"), "--json"])
     assert code == 0
@@ -101,6 +102,6 @@ def test_calibration_set_is_readable_by_btp_calibrate(tmp_path):
     (["--plans", "nowhere.json"], "--plans nowhere.json"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys, tmp_path, briefly_trained):
-    assert bench_quality.main([str(briefly_trained), "--cache", str(tmp_path), *args]) == 2
+    assert bench_quality_cli.main([str(briefly_trained), "--cache", str(tmp_path), *args]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading progress, one line
     assert last.startswith("btp-bench-quality: error:") and message in last

@@ -13,12 +13,13 @@ import pytest
 from onnx import numpy_helper
 
 from btp.artifact.manifest import MANIFEST, file_table, read_manifest
+from btp.cli import check as check_cli
 from btp.tools import check
 
 
 def test_check_passes_on_a_fresh_artifact_and_saves_polygraphy_data(artifact, tmp_path, capsys):
     save = tmp_path / "pg"
-    assert check.main([str(artifact("btp")), "--samples", "2", "--max-new-tokens", "3", "--json",
+    assert check_cli.main([str(artifact("btp")), "--samples", "2", "--max-new-tokens", "3", "--json",
                        "--save", str(save)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["tokens"]["mean"] == 1.0
@@ -53,7 +54,7 @@ def test_check_fails_naming_the_graph_and_output(artifact, tmp_path, capsys):
     manifest = json.loads((root / MANIFEST).read_text())
     manifest["files"] = {k: v.model_dump() for k, v in file_table(root).items()}  # re-signed: only numbers differ
     (root / MANIFEST).write_text(json.dumps(manifest))
-    assert check.main([str(root), "--samples", "1", "--max-new-tokens", "2", "--json"]) == 1
+    assert check_cli.main([str(root), "--samples", "1", "--max-new-tokens", "2", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     failing = [g for g in report["graphs"] if not g["passed"]]
     assert [g["graph"] for g in failing] == ["head"]
@@ -109,7 +110,7 @@ def test_fp16_artifact_passes_the_statistical_comparison(tmp_path, capsys):
     out = tmp_path / "f16"
     compile_artifact(BuildConfig(model="builtin:tiny-llava", plan="btp", out=out, dtype="float16",
                                  limits=Limits(max_prompt=256, max_new_tokens=16)))
-    assert check.main([str(out), "--samples", "2", "--max-new-tokens", "3", "--json"]) == 0
+    assert check_cli.main([str(out), "--samples", "2", "--max-new-tokens", "3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["dtype"] == "float16" and report["passed"]
     worst = max(max(g["worst"].values(), default=0.0) for g in report["graphs"])
@@ -156,14 +157,14 @@ def test_table_names_the_runners_and_why_tensorrt_was_skipped(capsys):
              "profile_feeds": [4]}
     report = {"artifact": "a", "graphs": [graph], "samples": 1, "passed": True, "pipeline_backend": "tensorrt",
               "tokens": {"mean": 1.0}, "runners": ["torch", "onnxruntime", "tensorrt"], "tensorrt_skipped": None}
-    check.print_report(report)
+    check_cli.print_report(report)
     out = capsys.readouterr().out
     assert "ort 1.00e-06 / trt 2.00e-04" in out and "runners: torch, onnxruntime, tensorrt" in out
     assert "skipped" not in out and "(tensorrt pipeline)" in out
     graph.update(runners=["onnxruntime"], profile_feeds=[], errors={"onnxruntime": {"logits": 1e-6}})
     report.update(runners=["torch", "onnxruntime"], tensorrt_skipped="tensorrt is not importable here",
                   pipeline_backend="onnxruntime")
-    check.print_report(report)
+    check_cli.print_report(report)
     assert "runners: torch, onnxruntime; tensorrt skipped: tensorrt is not importable here" in capsys.readouterr().out
 
 
@@ -180,7 +181,7 @@ def test_check_runs_tensorrt_engines_per_profile(tmp_path, capsys):  # pragma: n
     compile_artifact(BuildConfig(model="builtin:tiny-llava", plan="btp", out=out, backend="tensorrt",
                                  limits=Limits(max_prompt=256, max_new_tokens=16), workspace_gib=1.0))
     assert read_manifest(out).build.workspace_gib == 1.0
-    code = check.main([str(out), "--samples", "2", "--max-new-tokens", "3", "--json"])
+    code = check_cli.main([str(out), "--samples", "2", "--max-new-tokens", "3", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert report["runners"] == ["torch", "onnxruntime", "tensorrt"] and report["tensorrt_skipped"] is None
     assert report["pipeline_backend"] == "tensorrt"

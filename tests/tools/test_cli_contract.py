@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from btp.compiler import calibrate_cli
-from btp.compiler import cli as compile_cli
+from btp.cli import bench, bench_quality, check, demo, gpu_check, run, train_toy
+from btp.cli import calibrate as calibrate_cli
+from btp.cli import compile as compile_cli
 from btp.runtime.dependencies import importable
-from btp.tools import bench, bench_quality, check, demo, gpu_check, run, train_toy
 
 SAMPLE = "tools/data/sample.png"
 ROOT = Path(__file__).resolve().parents[2]

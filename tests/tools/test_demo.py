@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 
+from btp.cli.demo import kept_map, main
 from btp.compiler import load_model
 from btp.compiler.plan import Plan
 from btp.compiler.presets import model_info
-from btp.tools.demo import kept_map, main
 from btp.tools.samples import TOY_ANSWER, toy_plan_path, toy_scene
 from btp.toy.task import solve
 

@@ -23,9 +23,9 @@ def png(width: int, height: int) -> bytes:
 
 
 def run_measured(args: list[str], tmp_path) -> tuple[int, list[str], int]:
-    """`python -m btp.tools.run ARGS` -> (exit code, stderr lines, the child's own peak RSS in bytes)."""
+    """`python -m btp.cli.run ARGS` -> (exit code, stderr lines, the child's own peak RSS in bytes)."""
     with open(tmp_path / "err", "w+b") as err, open(tmp_path / "out", "w+b") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "btp.tools.run", *args], stdout=out, stderr=err)
+        proc = subprocess.Popen([sys.executable, "-m", "btp.cli.run", *args], stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage alone, not the max over all children
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from btp.compiler import calibrate_cli
+from btp.cli import bench, bench_quality, check, demo, gpu_check, run, train_toy
+from btp.cli import calibrate as calibrate_cli
 from btp.runtime import Pipeline
-from btp.tools import bench, bench_quality, check, demo, gpu_check, run, train_toy
 
 SAMPLE = "tools/data/sample.png"
 
@@ -19,13 +19,14 @@ CASES = [
      [(Pipeline, "load")], "file"),
     ("btp-demo", demo.main, lambda bad: ["--explain", bad], "--explain",
      [("btp.compiler.load_model", None), ("btp.compiler.reference_pipeline", None)], "file"),
-    ("btp-check", check.main, lambda bad: ["art", "--save", bad], "--save", [(check, "check_artifact")], "directory"),
+    ("btp-check", check.main, lambda bad: ["art", "--save", bad], "--save", [(check, "run_check")], "directory"),
     ("btp-calibrate", calibrate_cli.main, lambda bad: ["builtin:tiny-llava", "--data", "builtin", "-o", bad], "-o",
      [(calibrate_cli, "load_model")], "file"),
     ("btp-calibrate", calibrate_cli.main,
      lambda bad: ["builtin:tiny-llava", "--data", "builtin", "-o", "plan.json", "--plot", bad], "--plot",
      [(calibrate_cli, "load_model")], "file"),
-    ("btp-train-toy", train_toy.main, lambda bad: ["--out", bad], "--out", [(train_toy, "train")], "directory"),
+    ("btp-train-toy", train_toy.main, lambda bad: ["--out", bad], "--out", [(train_toy, "train_and_save")],
+     "directory"),
     ("btp-bench", bench.main, lambda bad: ["art", "--plot", bad], "--plot", [(bench, "bench"), (bench, "sweep")],
      "file"),
     ("btp-bench-quality", bench_quality.main, lambda bad: ["--plot", bad], "--plot", [(bench_quality, "quality")],

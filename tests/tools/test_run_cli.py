@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from btp.tools import run
+from btp.cli import run
 
 SAMPLE = "tools/data/sample.png"
 
@@ -89,7 +89,7 @@ def test_open_image_scales_high_bit_depth_instead_of_saturating(tmp_path, name, 
     ],
 )
 def test_bad_input_in_a_real_process_is_one_line_on_stderr(art, args, message):
-    proc = subprocess.run([sys.executable.encode(), b"-m", b"btp.tools.run", art.encode(), *args,
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"btp.cli.run", art.encode(), *args,
                            b"--max-new-tokens", b"2"], capture_output=True, timeout=120)
     err = proc.stderr.decode("utf-8", "replace").splitlines()
     assert proc.returncode == 2 and proc.stdout == b""

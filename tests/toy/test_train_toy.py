@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from btp.cli import train_toy
 from btp.compiler import load_model
-from btp.tools import train_toy
 from btp.toy import task as toy_task
 from btp.toy import training
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from btp.runtime import InputError, Pipeline
+from btp.runtime import Pipeline
 from btp.runtime.cli import add_common, check_writable, print_json, run_main
-from btp.runtime.inputs import check_image_size, check_prompt_text, to_rgb
+from btp.runtime.inputs import check_prompt_text, open_image
 
 
 def parser() -> argparse.ArgumentParser:
@@ -24,27 +24,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", metavar="FILE.png", help="draw the patches kept at each stage over the image")
     add_common(p, "print one JSON object instead of streaming text")
     return p
-
-
-def open_image(path: str):
-    """The image file at `path` as RGB (high-bit-depth scaled by `to_rgb`), its size checked before decoding;
-    `InputError` for a missing, unreadable or oversized file."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                check_image_size(im.size, path)  # before decoding: a few hundred bytes can declare gigapixels
-                return to_rgb(im)
-    except FileNotFoundError as err:
-        raise InputError(f"{path}: no such image file") from err
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise InputError(f"{path}: refused as a decompression bomb ({str(err).splitlines()[0][:120]})") from err
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"{path}: not a readable image ({type(err).__name__})") from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = ", ".join(f"{s.prune} {len(k)}" for s, k in zip(pipe.spec.prunes, kept)) or "none"
             print(f"image tokens kept (of {n0}): {summary}", file=sys.stderr)
         if args.explain:
-            from .explain import explain_figure
+            from btp.tools.explain import explain_figure
 
             titles = [s.prune for s in pipe.spec.prunes]
             explain_figure(image, kept, pipe.spec.grid, titles, args.explain)

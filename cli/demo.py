@@ -13,8 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from btp.runtime.cli import add_common, check_writable, print_json, run_main
-
-from .samples import TOY_ANSWER, TOY_QUESTION, toy_plan_path, toy_scene
+from btp.tools.samples import TOY_ANSWER, TOY_QUESTION, toy_plan_path, toy_scene
 
 DEMO_MODEL = "builtin:toy-vlm"
 RANDOM_WEIGHTS = ("builtin:tiny-llava", "builtin:llava-bench")
@@ -46,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from btp.compiler import load_model, reference_pipeline
-
-        from .run import open_image
+        from btp.runtime.inputs import open_image
 
         if args.explain:
             check_writable(args.explain, "--explain")
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"({100 * (1 - avg / model.image_tokens):.0f}% removed); time to first token "
                       f"{out.timings['ttft_ms']:.1f} ms")
         if args.explain:
-            from .explain import explain_figure
+            from btp.tools.explain import explain_figure
 
             titles = [s.prune for s in pipe.spec.prunes]
             explain_figure(image, out.kept_indices[0], pipe.spec.grid, titles, args.explain)

@@ -15,13 +15,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from btp.compiler.calibrate import Profile, Target, calibrate
+from btp.compiler.calibration_data import load_samples
+from btp.compiler.models import load_model
+from btp.compiler.plan import FORMAT, Plan
+from btp.compiler.presets import model_info
 from btp.runtime.cli import add_alias, add_common, check_writable, print_json, run_main, save_figure
-
-from .calibrate import Profile, Target, calibrate
-from .calibration_data import load_samples
-from .models import load_model
-from .plan import FORMAT, Plan
-from .presets import model_info
 
 
 def parser() -> argparse.ArgumentParser:

@@ -10,12 +10,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from btp.compiler.build import BACKENDS, BuildConfig, compile_artifact
+from btp.compiler.export import Limits
+from btp.compiler.models import DTYPES
 from btp.runtime.cli import FAILED, OK, add_common, print_json, run_main, stdout_to_stderr
 from btp.runtime.dependencies import require
-
-from .build import BACKENDS, BuildConfig, compile_artifact
-from .export import Limits
-from .models import DTYPES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         code = OK
         if args.check:
             # Imported here: the checks live in btp.tools, which the compiler itself does not need.
-            from btp.tools.check import default_samples, print_report, run_check
+            from btp.cli.check import print_report
+            from btp.tools.check import default_samples, run_check
 
             images, prompts = default_samples()
             doc["check"] = run_check(result.out, images, prompts)
