@@ -32,3 +32,11 @@ class DataError(InputError):
 
 class DependencyError(BtpError):
     """An optional package (a backend) or a device that the request needs is not available here."""
+
+
+class RequestError(InputError):
+    """A request a server refuses: its HTTP `status`, the request field at fault `param`, a short reason `code`."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code

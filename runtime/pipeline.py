@@ -78,14 +78,16 @@ GraphObserver = Callable[[str, Mapping[str, torch.Tensor], Mapping[str, torch.Te
 @dataclass
 class Step:
     """One step of generation: the next token of every row `[B]` (pad for rows already finished), the fp32-or-
-    model-dtype logits `[B,V]` it was chosen from, the kept grid indices per prune stage (`[B,k]`, fixed after
-    prefill) and the call's running timings."""
+    model-dtype logits `[B,V]` it was chosen from, the kept grid indices per prune stage (`[B0,k]` over the
+    batch's first rows, fixed after prefill), the call's running timings and `rows [B]`: which of the first rows
+    these are (all of them unless `steps(compact=True)` has dropped finished rows)."""
 
     index: int
     token: torch.Tensor
     logits: torch.Tensor
     kept: list[torch.Tensor]
     timings: dict[str, float]
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -118,25 +120,39 @@ class TextStream:
             yield step.token
 
     def __iter__(self) -> Iterator[str]:
-        tok = self._pipe.processor.tokenizer
         eos = self._pipe.spec.eos_token_ids
-        # Decode a window that restarts after each newline, so each token costs the line, not the answer.
-        window: list[int] = []
-        shown = text = ""
+        text = Detokenizer(self._pipe.processor.tokenizer)
         for token in self._tokens():
             t = int(token[0])
             self.token_ids.append(t)
-            window.append(t)
-            text = tok.decode(window, skip_special_tokens=True)
-            if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-                yield text[len(shown):]
-                shown = text
-            if shown.endswith("\n"):
-                window, shown = [], ""
+            if piece := text.add(t):
+                yield piece
             if t in eos:
                 break
-        if len(text) > len(shown):  # whatever was held back waiting for the rest of a character
-            yield text[len(shown):]
+        if rest := text.flush():
+            yield rest
+
+
+class Detokenizer:
+    """Text pieces of one answer as its token ids arrive: decodes a window that restarts after each newline (each
+    token costs the line, not the answer) and holds back an incomplete UTF-8 character; `flush` gives the rest."""
+
+    def __init__(self, tokenizer):
+        self._tok, self._window, self._shown, self._text = tokenizer, [], "", ""
+
+    def add(self, token_id: int) -> str:
+        self._window.append(token_id)
+        self._text = text = self._tok.decode(self._window, skip_special_tokens=True)
+        piece = text[len(self._shown):] if len(text) > len(self._shown) and not text.endswith("\ufffd") else ""
+        if piece:
+            self._shown = text
+        if self._shown.endswith("\n"):
+            self._window, self._shown, self._text = [], "", ""
+        return piece
+
+    def flush(self) -> str:
+        piece, self._shown = self._text[len(self._shown):], self._text
+        return piece
 
 
 class Pipeline:
@@ -309,9 +325,12 @@ class Pipeline:
     def steps(
         self, inp: Inputs, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
         top_p: float = 1.0, seed: int = 0, min_new_tokens: int = 0, on_graph: GraphObserver | None = None,
+        drop: torch.Tensor | None = None, compact: bool = False,
     ) -> Iterator[Step]:
         """The one generation loop: prefill, then a `Step` per new token until every row has hit EOS or
-        `max_new_tokens`. `inp` comes from `prepare`; `generate` and `stream` consume this."""
+        `max_new_tokens`. `inp` comes from `prepare`; `generate` and `stream` consume this. A server ends rows
+        early by setting them in `drop` (bool `[B]`, read after every step); with `compact`, finished rows leave
+        the batch (their KV is cut out) so that the rest decode at the smaller batch."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if self.manifest is not None and max_new_tokens > self.manifest.build.max_new_tokens:
@@ -333,7 +352,7 @@ class Pipeline:
         b = logits.shape[0]
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         no_image = torch.zeros((b, 0, spec.hidden_size), dtype=spec.torch_dtype, device=self.device)
-        position = last_pos
+        position, rows = last_pos, torch.arange(b, device=self.device)
         for step in range(max_new_tokens):
             scored = logits
             if step < min_new_tokens and spec.eos_token_ids:  # EOS may not end the answer yet
@@ -343,10 +362,18 @@ class Pipeline:
             if step == 0:
                 times["ttft_ms"] = (time.perf_counter() - t0) * 1e3
                 t_decode = time.perf_counter()
-            yield Step(step, token, scored, kept, times)
+            yield Step(step, token, scored, kept, times, rows)
             done = done | torch.isin(token, eos)
+            if drop is not None:
+                done = done | drop[rows]
             if step + 1 == max_new_tokens or bool(done.all()):
                 break
+            if compact and bool(done.any()):
+                live = (~done).nonzero()[:, 0]
+                token, position, rows, done = token[live], position[live], rows[live], done[live]
+                no_image = no_image[live]
+                for st in states:
+                    st.mask, st.cache = st.mask[live], {k: v[live] for k, v in st.cache.items()}
             position = position + 1
             logits = self._decode_step(token, position, states, no_image, call)
         steps = step  # decode steps actually run after the first token
