@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 PIP := pip==26.3
 PIP_TOOLS := pip-tools==7.6.2
 UV := uv==0.13.9
-EXTRAS := cpu,dev
+EXTRAS := cpu,dev,serve
 # The packages whose versions the notes and the test-latest/test-lowest runs print.
 KEY_PACKAGES := torch transformers tokenizers onnx onnxscript onnxruntime polygraphy numpy
 
