@@ -109,6 +109,8 @@ def create_app(pipe: Pipeline, options: ServeOptions) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         task = asyncio.create_task(batcher.run())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or
+                               log.error("the batcher stopped: %r", t.exception()))
         yield
         while not batcher.idle:  # SIGTERM: uvicorn has waited for open requests; anything queued finishes too
             await asyncio.sleep(0.01)

@@ -33,7 +33,7 @@ class Result:
     timings: dict[str, float]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs are compared while the queue is split
 class Job:
     """One request in the queue: its parsed request, its prepared row (`Inputs` of batch 1) and the queue of
     events the worker sends it: ("start", None), ("delta", text), ("done", Result), ("error", exception)."""
@@ -168,7 +168,8 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             jobs = [j for j in self._pending if j.request.batch_key == key and not j.cancelled][: self.max_batch]
-            self._pending = [j for j in self._pending if j not in jobs]
+            taken = {id(j) for j in jobs}
+            self._pending = [j for j in self._pending if id(j) not in taken]
             self.metrics.queue_depth.set(len(self._pending))
             if not jobs:
                 continue
