@@ -82,8 +82,7 @@ def _use_tensorrt(backend: str, manifest, root: Path) -> bool:
     available = bool(manifest.engines) and tensorrt_version() is not None
     if backend == "tensorrt" and not available:
         if not manifest.engines:
-            raise ArtifactError(f"{root}: cannot run with backend tensorrt: it has no engines "
-                                "(built with --backend onnxruntime)")
+            raise ArtifactError(f"tensorrt: {root} has no engines (it was built for onnxruntime)", option="backend")
         require("tensorrt")  # raises DependencyError naming the extra
     return available
 

@@ -209,7 +209,7 @@ class TrtEngine:
         path = Path(path)
         if built_with is not None and built_with != trt.__version__:
             raise ArtifactError(f"{path}: built by TensorRT {built_with}, this is TensorRT {trt.__version__}; "
-                                "rebuild the artifact with btp-compile --backend tensorrt")
+                                "rebuild the artifact with this TensorRT")
         device = require_device(device)
         if device.type == "cuda" and device.index is None:  # compare equal to the tensors' cuda:N
             device = torch.device("cuda", torch.cuda.current_device())

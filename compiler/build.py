@@ -76,7 +76,7 @@ def tensorrt_available() -> bool:
 
 def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
-        raise BuildError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise BuildError(f"must be one of {', '.join(BACKENDS)}, got {backend!r}", option="backend")
     if backend == "auto":
         return "tensorrt" if tensorrt_available() else "onnxruntime"
     if backend == "tensorrt":
@@ -90,34 +90,35 @@ def _check_out(out: Path, force: bool, model: str = "") -> None:
     if not (out.exists() or out.is_symlink()):
         return
     if not force:
-        raise BuildError(f"{out} already exists; pass --force to replace it")
+        raise BuildError(f"{out} already exists; pass {{option}} to replace it", option="force")
     if out.is_symlink() or not out.is_dir():
-        raise BuildError(f"{out} exists and is not a directory; --force replaces only a btp artifact or an empty "
-                         "directory")
+        raise BuildError(f"{out} exists and is not a directory; {{option}} replaces only a btp artifact or an empty "
+                         "directory", option="force")
     if model and not model.startswith("builtin:") and Path(model).expanduser().exists():
         src, dst = Path(model).expanduser().resolve(), out.resolve()
         if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
-            raise BuildError(f"{out}: --force would replace the model's own files ({model}); choose another -o")
+            raise BuildError(f"{out}: {{option}} would replace the model's own files ({model}); choose another output",
+                             option="force")
     if not any(out.iterdir()):
         return
     try:
         read_manifest(out, verify=False)
     except ArtifactError as err:
-        raise BuildError(f"{out} is not a btp artifact ({str(err).split(': ', 1)[-1]}); --force replaces only a btp "
-                         "artifact or an empty directory, so nothing was deleted") from err
+        raise BuildError(f"{out} is not a btp artifact ({str(err).split(': ', 1)[-1]}); {{option}} replaces only a btp "
+                         "artifact or an empty directory, so nothing was deleted", option="force") from err
 
 
 def _check_limits(cfg: BuildConfig, image_tokens: int) -> None:
     lim = cfg.limits
-    if lim.max_batch < 1 or lim.max_new_tokens < 1:
-        raise BuildError(f"--max-batch and --max-new-tokens must be >= 1, got {lim.max_batch} and "
-                         f"{lim.max_new_tokens}")
+    for option in ("max_batch", "max_new_tokens"):
+        if getattr(lim, option) < 1:
+            raise BuildError(f"must be >= 1, got {getattr(lim, option)}", option=option)
     if lim.max_prompt <= image_tokens:
-        raise BuildError(f"--max-prompt {lim.max_prompt} cannot hold the model's {image_tokens} image tokens plus a "
-                         f"question; expected more than {image_tokens}")
+        raise BuildError(f"{lim.max_prompt} cannot hold the model's {image_tokens} image tokens plus a question; "
+                         f"expected more than {image_tokens}", option="max_prompt")
     if cfg.opset not in SUPPORTED_OPSETS:
         lo, hi = SUPPORTED_OPSETS.start, SUPPORTED_OPSETS.stop - 1
-        raise BuildError(f"--opset must be in {lo}..{hi} (what TensorRT 10/11 parse), got {cfg.opset}")
+        raise BuildError(f"must be in {lo}..{hi} (what TensorRT 10/11 parse), got {cfg.opset}", option="opset")
 
 
 def _producer() -> dict[str, str]:
@@ -137,16 +138,17 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
     out = Path(cfg.out)
     backend = resolve_backend(cfg.backend)
     if cfg.dtype not in DTYPES:
-        raise BuildError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+        raise BuildError(f"must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}", option="dtype")
     if not (isinstance(cfg.workspace_gib, int | float) and math.isfinite(cfg.workspace_gib) and cfg.workspace_gib > 0):
-        raise BuildError(f"--workspace must be a number of GiB > 0, got {cfg.workspace_gib!r}")
+        raise BuildError(f"must be a number of GiB > 0, got {cfg.workspace_gib!r}", option="workspace_gib")
     if cfg.tf32 and backend != "tensorrt":
-        raise BuildError(f"--tf32 sets how TensorRT builds fp32 engines; this build's backend is {backend}")
+        raise BuildError(f"sets how TensorRT builds fp32 engines; this build's backend is {backend}", option="tf32")
     if cfg.timing_cache is not None:
         if backend != "tensorrt":
-            raise BuildError(f"--timing-cache is TensorRT's; this build's backend is {backend}")
+            raise BuildError(f"is TensorRT's; this build's backend is {backend}", option="timing_cache")
         if Path(cfg.timing_cache).is_dir():
-            raise BuildError(f"--timing-cache {cfg.timing_cache}: expected a file (made if missing), found a directory")
+            raise BuildError(f"{cfg.timing_cache}: expected a file (made if missing), found a directory",
+                             option="timing_cache")
     made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # removed again if the build fails
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,13 +52,13 @@ class Target:
 
     def __post_init__(self):
         if sum(v is not None for v in (self.tokens, self.retention, self.flops)) > 1:
-            raise PlanError("give at most one of --tokens, --retention, --flops")
+            raise PlanError(f"expected at most one target of tokens, retention and flops, got {self.describe()}")
         for name in ("retention", "flops"):
             v = getattr(self, name)
             if v is not None and not 0 < v <= 1:
-                raise PlanError(f"--{name} must be a fraction in (0, 1], got {v}")
+                raise PlanError(f"must be a fraction in (0, 1], got {v}", option=name)
         if self.tokens is not None and self.tokens < 0:
-            raise PlanError(f"--tokens must be >= 0, got {self.tokens}")
+            raise PlanError(f"must be >= 0, got {self.tokens}", option="tokens")
 
     def describe(self) -> dict:
         return {k: v for k, v in (("tokens", self.tokens), ("retention", self.retention), ("flops", self.flops))
@@ -121,7 +121,7 @@ def collect_profile(model, samples: Sequence[Sample], tau: float = 0.93, batch_s
     """One unpruned prefill per sample through the per-layer reference chain (`reference_pipeline(per_layer=
     True)`), observed graph by graph -> mean drift count and attention mass per layer."""
     if not 0 < tau < 1:
-        raise PlanError(f"--tau must be in (0, 1), got {tau}")
+        raise PlanError(f"must be in (0, 1), got {tau}", option="tau")
     pipe = reference_pipeline(model, "none", per_layer=True)
     stats = _LayerStatistics(pipe.spec, tau)
     done = 0
@@ -189,8 +189,8 @@ def rule_genome(profile: Profile, stages: int = 4, lambda_start: float = 0.6) ->
     """The paper's rule: boundaries from the drift profile (`boundaries_from_drift`), ratio 0.5."""
     depth = len(profile.drift)
     if not 1 <= stages <= depth - 1:
-        raise PlanError(f"--stages must be 1 to {depth - 1} on a model with {depth} layers (a stage's first "
-                        f"layer is 1 to {depth - 1}), got {stages}")
+        raise PlanError(f"must be 1 to {depth - 1} on a model with {depth} layers (a stage's first layer is 1 to "
+                        f"{depth - 1}), got {stages}", option="stages")
     return Genome(tuple(boundaries_from_drift(profile.drift, stages)), 0.5, lambda_start)
 
 
@@ -294,7 +294,7 @@ def search(model, start: Genome, target: Target, text_tokens: int, samples: Sequ
     """First-improvement hill climbing from `start` under `target`; never returns a plan worse than `start`
     on `samples` (the start is evaluated first and only strict improvements are accepted)."""
     if budget_evals < 1:
-        raise PlanError(f"--budget-evals must be >= 1, got {budget_evals}")
+        raise PlanError(f"must be >= 1, got {budget_evals}", option="budget_evals")
     depth = model.num_layers
     seen: dict[Genome, float] = {}
     plans: dict[Genome, tuple[Plan, dict]] = {}

@@ -50,8 +50,8 @@ def require_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-            raise DependencyError(f"device {device}: torch {torch.__version__} ({build}) sees no CUDA device; "
-                                  "run on a GPU host with a CUDA build of torch, or use --device cpu")
+            raise DependencyError(f"{device}: torch {torch.__version__} ({build}) sees no CUDA device; run on a GPU "
+                                  "host with a CUDA build of torch, or use cpu", option="device")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise DependencyError(f"device {device}: this machine has {count} CUDA device(s), "

@@ -3,7 +3,28 @@ defined here, and nowhere else. CLIs print one line and exit with code 2 (see `b
 
 
 class BtpError(Exception):
-    """Base of every error the tool raises for bad input; the message says what was expected and found."""
+    """Base of every error the tool raises for bad input; the message says what was expected and found.
+
+    `option`: the library parameter at fault (`max_batch`), when there is one; the message then continues the
+    sentence it begins (`BuildError("must be >= 1, got 0", option="max_batch")` reads "max_batch must be >= 1,
+    got 0"), or names it where it says `{option}`; a command line names its own flag instead (`--max-batch must
+    be >= 1, got 0`, see `btp.runtime.cli.run_main`)."""
+
+    def __init__(self, message: str = "", *, option: str | None = None):
+        super().__init__(message)
+        self.message, self.option = message, option
+
+    def __str__(self) -> str:
+        return self._with(self.option)
+
+    def render(self, flags: dict[str, str] | None = None) -> str:
+        """The message with the command line's flag for `option` (`flags`, else `--` + its dashed name)."""
+        return self._with(self.option and ((flags or {}).get(self.option) or "--" + self.option.replace("_", "-")))
+
+    def _with(self, name: str | None) -> str:
+        if not name:
+            return self.message
+        return self.message.replace("{option}", name) if "{option}" in self.message else f"{name} {self.message}"
 
 
 class PlanError(BtpError):

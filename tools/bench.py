@@ -137,10 +137,10 @@ def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: 
     root = Path(out)
     manifest = read_manifest(root)
     if batch > manifest.build.max_batch:
-        raise InputError(f"--batch {batch} exceeds the artifact's max batch {manifest.build.max_batch}")
+        raise InputError(f"{batch} exceeds the artifact's max batch {manifest.build.max_batch}", option="batch")
     dev = require_device(device)
     if backend == "tensorrt" and not manifest.engines:
-        raise InputError(f"--backend tensorrt: {root} has no TensorRT engines (built with --backend onnxruntime)")
+        raise InputError(f"tensorrt: {root} has no TensorRT engines (it was built for onnxruntime)", option="backend")
     pruned = Pipeline.load(root, backend=backend, device=device)
     tok = pruned.processor.tokenizer
     prompt = make_prompt(tok, prompt_tokens)
@@ -241,7 +241,7 @@ def sweep_plans(kind: str, model, names: list[str] | None = None) -> dict:
     if kind == "presets":
         for name in names or list(PRESETS):
             if name not in PRESETS:
-                raise InputError(f"--plans: unknown preset {name!r}; expected some of {', '.join(PRESETS)}")
+                raise InputError(f"{name!r}: expected presets among {', '.join(PRESETS)}", option="plans")
             try:
                 plans[name] = resolve_plan(name, model)
             except PlanError:
@@ -255,7 +255,7 @@ def sweep_plans(kind: str, model, names: list[str] | None = None) -> dict:
             except PlanError:
                 continue
     else:
-        raise InputError(f"--sweep takes presets or budgets, got {kind!r}")
+        raise InputError(f"expected presets or budgets, got {kind!r}", option="sweep")
     return plans
 
 
@@ -271,7 +271,7 @@ def sweep(out: str | Path, kind: str, prompt_tokens: int, batch: int, repeat: in
     model = load_model(manifest.model.name, dtype=manifest.build.dtype)
     plans = sweep_plans(kind, model, names)
     if not plans:
-        raise InputError(f"--sweep {kind}: no plan fits this model")
+        raise InputError(f"{kind}: no plan fits this model", option="sweep")
     own = Plan.parse(manifest.plan)
 
     def artifact_of(label, plan) -> Path:

@@ -69,7 +69,7 @@ def _plan_jobs(model, key: str, plans: list[str], budgets: list[float] | None, c
             try:
                 plan = resolve_plan(name, model)
             except PlanError as err:
-                raise InputError(f"--plans {name}: {err}") from None
+                raise InputError(f"{name}: {err}", option="plans") from None
             jobs.append({"plan": Path(name).stem, "method": "file", "budget": None, "spec": plan})
     for method in calibrate:
         for share in budgets or []:

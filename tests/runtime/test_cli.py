@@ -95,3 +95,36 @@ def test_an_old_spelling_sets_the_same_option_and_is_left_out_of_help():
     assert p.parse_args(["--new-tokens", "3"]).max_new_tokens == 3
     assert p.parse_args(["--new-tokens", "3", "--max-new-tokens", "5"]).max_new_tokens == 5
     assert "--new-tokens" not in p.format_help() and "--max-new-tokens" in p.format_help()
+
+
+def test_library_errors_name_their_parameter_and_command_lines_their_flag(capsys):
+    err = BuildError("must be >= 1, got 0", option="max_batch")
+    assert str(err) == "max_batch must be >= 1, got 0"  # what a library caller reads
+
+    def fail():
+        raise err
+
+    assert run_main(fail, False, "btp-x") == 2
+    assert capsys.readouterr().err == "btp-x: error: --max-batch must be >= 1, got 0\n"
+    assert run_main(fail, False, "btp-x", {"max_batch": "--batch-limit"}) == 2
+    assert capsys.readouterr().err == "btp-x: error: --batch-limit must be >= 1, got 0\n"
+    placed = BuildError("out exists; pass {option} to replace it", option="force")
+    assert str(placed) == "out exists; pass force to replace it"
+    assert placed.render() == "out exists; pass --force to replace it"
+
+
+def test_library_messages_do_not_name_command_line_flags():
+    """Flags are the command lines' to add: no message a library raises spells one (comments, help and hints
+    about another command aside, which name a command first)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    raised = re.compile(r"raise \w+Error\((?:f?\"[^\"]*\"\s*)+")
+    offenders = []
+    for package in ("artifact", "backends", "compiler", "graphs", "runtime", "tools", "toy"):
+        for path in sorted((root / package).glob("*.py")):
+            for match in raised.finditer(path.read_text()):
+                if re.search(r"(?<![\w-])--[a-z]", match.group(0)) and "btp-" not in match.group(0):
+                    offenders.append(f"{path.relative_to(root)}: {match.group(0)[:80]}")
+    assert not offenders, offenders

@@ -114,7 +114,7 @@ def test_cuda_device_without_cuda_is_a_one_line_error(art, capsys):
         Pipeline.load(art, device="cuda:0")
     assert run.main([art, "--image", SCENE, "--prompt", "Hi", "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "btp-run: error: device cuda: torch" in err[0]
+    assert len(err) == 1 and "btp-run: error: --device cuda: torch" in err[0]  # the CLI names its flag
 
 
 @pytest.mark.parametrize("device", ["tpu", "gpu0", "cuda:x"])
