@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        require("onnxruntime")  # the engines every plan answers with; then the output, then the work
         if args.plot:
             check_writable(args.plot, "--plot")
-        require("onnxruntime")
         plans = [x.strip() for x in args.plans.split(",") if x.strip()]
         if not plans:
             raise InputError("--plans is empty")
