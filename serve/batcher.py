@@ -184,6 +184,9 @@ class Batcher:
 
     def _generate(self, jobs: list[Job]) -> None:
         """Run one batch to the end on the worker thread, sending every job its events."""
+        jobs = [j for j in jobs if not j.cancelled]  # timed out or gone while the batch waited for the worker
+        if not jobs:
+            return
         pipe, req = self.pipe, jobs[0].request
         drop = torch.tensor([j.cancelled for j in jobs])
         for i, job in enumerate(jobs):

@@ -187,7 +187,10 @@ def decode_image(raw: bytes, limits: Limits):
     try:
         with Image.open(io.BytesIO(raw)) as im:
             w, h = im.size
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise RequestError(f"image_url: refused as a decompression bomb ({str(err).splitlines()[0][:120]})",
+                           param="messages", code="image_too_large") from err
+    except (UnidentifiedImageError, OSError) as err:
         raise RequestError(f"image_url: not a readable image ({type(err).__name__})", param="messages",
                            code="invalid_image") from err
     if w * h > limits.max_image_pixels:
