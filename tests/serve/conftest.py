@@ -1,16 +1,10 @@
 """What the serving tests share: one compiled builtin:toy-vlm (the demo's plan, max batch 8) per session, its
 Pipeline, and real uvicorn servers on loopback ports running in this process."""
 
-import base64
-import threading
-import time
 from importlib import resources
 
 import pytest
-
-# The bounds the server tests need: 8 rows a batch, the toy prompt (95 tokens) with room, 64-token answers.
-LIMITS = dict(max_batch=8, max_prompt=160, max_new_tokens=64)
-QUESTION, ANSWER = "Where is the white circle?", "bottom left"
+from serving import LIMITS, LiveServer
 
 
 @pytest.fixture(scope="session")
@@ -36,32 +30,6 @@ def toy_pipe(toy_artifact):
 @pytest.fixture(scope="session")
 def scene_png() -> bytes:
     return resources.files("btp.tools").joinpath("data/toy-scene.png").read_bytes()
-
-
-def data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
-
-
-class LiveServer:
-    """A real uvicorn server for `app` on a free loopback port, in a thread of this process."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
-from conftest import ANSWER, QUESTION, data_url
+from serving import ANSWER, QUESTION, data_url
 
 from btp.cli import run
 

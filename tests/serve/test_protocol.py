@@ -2,14 +2,11 @@
 code}}), and the server answers a good request right after."""
 
 import base64
-import json
 import struct
-import urllib.error
-import urllib.request
 import zlib
 
 import pytest
-from conftest import ANSWER, QUESTION, data_url
+from serving import ANSWER, chat, data_url, post
 
 LIMITS = {"max_body_bytes": 64_000, "max_image_bytes": 20_000, "max_image_pixels": 1_000_000}
 
@@ -23,21 +20,6 @@ def png_declaring(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
         chunk(b"IEND", b"")
-
-
-def chat(url: str = "", text: str = QUESTION, images: int = 1, **fields) -> dict:
-    parts = [{"type": "image_url", "image_url": {"url": url}}] * images + [{"type": "text", "text": text}]
-    return {"model": "toy", "messages": [{"role": "user", "content": parts}], "max_tokens": 8, **fields}
-
-
-def post(server, body, path: str = "/v1/chat/completions") -> tuple[int, dict]:
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(server.url + path, data=raw, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 @pytest.fixture(scope="module")
