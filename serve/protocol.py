@@ -173,13 +173,17 @@ def image_bytes(url: str, limits: Limits) -> bytes:
 class _Named(io.BytesIO):
     """Image bytes that name themselves in `open_image`'s messages."""
 
+    def __init__(self, raw: bytes, name: str):
+        super().__init__(raw)
+        self._label = name
+
     def __str__(self) -> str:
-        return "image_url"
+        return self._label
 
 
-def decode_image(raw: bytes, limits: Limits):
+def decode_image(raw: bytes, limits: Limits, what: str = "image_url"):
     """An RGB PIL image from encoded bytes, its size checked from the header (`max_image_pixels`) before
-    decoding; `RequestError` for bytes that are not an image or one too large."""
+    decoding; `RequestError` (naming the field `what`) for bytes that are not an image or one too large."""
     from PIL import Image, UnidentifiedImageError
 
     from btp.runtime.inputs import open_image
@@ -188,15 +192,15 @@ def decode_image(raw: bytes, limits: Limits):
         with Image.open(io.BytesIO(raw)) as im:
             w, h = im.size
     except Image.DecompressionBombError as err:
-        raise RequestError(f"image_url: refused as a decompression bomb ({str(err).splitlines()[0][:120]})",
+        raise RequestError(f"{what}: refused as a decompression bomb ({str(err).splitlines()[0][:120]})",
                            param="messages", code="image_too_large") from err
     except (UnidentifiedImageError, OSError) as err:
-        raise RequestError(f"image_url: not a readable image ({type(err).__name__})", param="messages",
+        raise RequestError(f"{what}: not a readable image ({type(err).__name__})", param="messages",
                            code="invalid_image") from err
     if w * h > limits.max_image_pixels:
-        raise RequestError(f"image_url: {w}x{h} is {w * h} pixels, over the {limits.max_image_pixels} accepted "
+        raise RequestError(f"{what}: {w}x{h} is {w * h} pixels, over the {limits.max_image_pixels} accepted "
                            "(--max-image-pixels)", param="messages", code="image_too_large")
     try:
-        return open_image(_Named(raw))
+        return open_image(_Named(raw, what))
     except BtpError as err:
         raise RequestError(str(err), param="messages", code="invalid_image") from err

@@ -40,7 +40,7 @@ def _rows(request: dict[str, np.ndarray], limits: Limits):
             text = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
         except UnicodeDecodeError as err:
             raise InputError(f"row {i}: prompt: expected UTF-8 text") from err
-        rows.append((decode_image(bytes(image), limits), text, int(m)))
+        rows.append((decode_image(bytes(image), limits, f"row {i}: image"), text, int(m)))
     return rows
 
 

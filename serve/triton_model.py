@@ -28,7 +28,8 @@ class TritonPythonModel:
         responses = []
         for answer in answer_requests(self.pipe, arrays, self.limits):
             if isinstance(answer, Exception):
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(answer))))
+                error = pb_utils.TritonError(str(answer), pb_utils.TritonError.INVALID_ARG)  # HTTP 400
+                responses.append(pb_utils.InferenceResponse(error=error))
             else:
                 tensors = [pb_utils.Tensor(name, array) for name, array in answer.items()]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
