@@ -98,22 +98,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve_http(args, pipe, options: ServeOptions, info: dict) -> int:
+    import contextlib
+    import signal
+
     import uvicorn
 
     from .app import create_app
 
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):  # say where it listens once it does
+            await super().startup(sockets)
+            print_json(info) if args.json else print(f"btp-serve: {options.model_name} at {info['url']}",
+                                                      file=sys.stderr, flush=True)
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # SIGTERM/SIGINT drain, then exit 0 (uvicorn would re-raise the signal)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self.handle_exit)
+            yield
+
     config = uvicorn.Config(create_app(pipe, options), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=options.timeout_s)
-    server = uvicorn.Server(config)
-    announce = server.startup
-
-    async def startup(sockets=None):  # say where it listens once it does
-        await announce(sockets)
-        print_json(info) if args.json else print(f"btp-serve: {options.model_name} at {info['url']}",
-                                                  file=sys.stderr, flush=True)
-
-    server.startup = startup
-    server.run()
+    Server(config).run()
     return 0
 
 
