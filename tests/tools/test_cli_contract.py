@@ -13,6 +13,8 @@ from btp.cli import bench, bench_quality, check, demo, gpu_check, run, train_toy
 from btp.cli import calibrate as calibrate_cli
 from btp.cli import compile as compile_cli
 from btp.runtime.dependencies import importable
+from btp.serve import bench as bench_serve
+from btp.serve import cli as serve_cli
 
 SAMPLE = "tools/data/sample.png"
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MAINS = {
     "btp-compile": compile_cli.main, "btp-run": run.main, "btp-check": check.main, "btp-bench": bench.main,
     "btp-bench-quality": bench_quality.main, "btp-calibrate": calibrate_cli.main, "btp-demo": demo.main,
-    "btp-train-toy": train_toy.main, "btp-gpu-check": gpu_check.main,
+    "btp-train-toy": train_toy.main, "btp-gpu-check": gpu_check.main, "btp-serve": serve_cli.main,
+    "btp-bench-serve": bench_serve.main,
 }
 # Old spellings, hidden: everywhere, and where the command once took them (btp-train-toy's --steps counts its own
 # optimizer steps).
@@ -63,6 +66,8 @@ MISSING = {
     "btp-demo": lambda t: ["--model", f"{t}/missing"],
     "btp-train-toy": lambda t: ["--out", f"{t}/file.txt/model", *TRAIN_TOY],
     "btp-gpu-check": lambda t: ["--models", f"{t}/missing", "--out", f"{t}/r.json", "--work", f"{t}/work"],
+    "btp-serve": lambda t: [f"{t}/missing"],
+    "btp-bench-serve": lambda t: [f"{t}/missing"],
 }
 
 
@@ -115,11 +120,13 @@ JSON = {
     "btp-demo": lambda t, art: ["--model", "builtin:tiny-llava", "--max-new-tokens", "2"],
     "btp-train-toy": lambda t, art: ["--out", f"{t}/model", *TRAIN_TOY],
     "btp-gpu-check": None,
+    "btp-serve": lambda t, art: [art(), "--check-config"],
+    "btp-bench-serve": lambda t, art: [art(), "--clients", "2", "--requests", "2", "--max-new-tokens", "2"],
 }
 # One key of each command's result, to show that the object printed is the result.
 KEYS = {"btp-compile": "check", "btp-run": "token_ids", "btp-check": "graphs", "btp-bench": "ratios",
         "btp-bench-quality": "rows", "btp-calibrate": "plan", "btp-demo": "answer", "btp-train-toy": "test_accuracy",
-        "btp-gpu-check": "artifacts"}
+        "btp-gpu-check": "artifacts", "btp-serve": "max_batch", "btp-bench-serve": "ratios"}
 
 
 @pytest.mark.parametrize("prog", sorted(JSON))
