@@ -129,7 +129,7 @@ def bench(args) -> dict:
         "min_tokens": args.max_new_tokens, "stream": True, "stream_options": {"include_usage": True}}).encode()
     port = free_port()
     cmd = [sys.executable, "-m", "btp.serve.cli", args.artifact, "--port", str(port), "--threads", str(args.threads),
-           "--batch-wait-ms", str(args.batch_wait_ms), "--max-batch", str(args.clients)]
+           "--batch-wait-ms", str(args.batch_wait_ms)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     try:
         wait_ready(port, proc)
