@@ -124,14 +124,29 @@ def _serve_http(args, pipe, options: ServeOptions, info: dict) -> int:
 
 
 def _serve_triton(args, pipe, options: ServeOptions, wait_us: int, info: dict) -> int:
+    import json
+    import signal
+
     from .triton import bind_pytriton, pytriton_server
 
-    with pytriton_server(args.host, args.port, args.port + 1, args.port + 2) as triton:
-        bind_pytriton(triton, pipe, options.model_name, options.max_batch, wait_us, options.limits)
-        triton.run()
-        print_json(info) if args.json else print(f"btp-serve: {options.model_name} on Triton at {info['url']}",
-                                                  file=sys.stderr, flush=True)
-        triton.serve()
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    out = sys.stdout
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    try:  # leaving the block stops Triton, which lets the inferences in flight finish (5 s at most)
+        with stdout_to_stderr(), pytriton_server(args.host, args.port, args.port + 1, args.port + 2) as triton:
+            bind_pytriton(triton, pipe, options.model_name, options.max_batch, wait_us, options.limits)
+            triton.run()  # PyTriton prints Triton's log on stdout: it goes to stderr, stdout keeps the JSON
+            print(json.dumps(info) if args.json else f"btp-serve: {options.model_name} on Triton at {info['url']}",
+                  file=out if args.json else sys.stderr, flush=True)
+            triton.serve()
+    except Stop:
+        pass
     return 0
 
 

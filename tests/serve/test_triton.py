@@ -1,10 +1,11 @@
 """The pipeline as a Triton Inference Server model, asked with the real `tritonclient` over HTTP: served through
-PyTriton in this process, and exported as a model repository that the Triton server binary PyTriton ships runs
+PyTriton by `btp-serve --triton`, and exported as a model repository that the Triton server binary PyTriton ships runs
 as it is (its Python backend calls the repository's `model.py`: `initialize`, then `execute` per batch)."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -17,8 +18,7 @@ import pytest
 from serving import ANSWER, QUESTION
 
 from btp.serve.bench import free_port
-from btp.serve.protocol import Limits
-from btp.serve.triton import bind_pytriton, export_triton, pytriton_server
+from btp.serve.triton import export_triton
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402 - after the skip
@@ -54,12 +54,22 @@ def check_model(port: int, model: str, scene_png: bytes):
     return err.value
 
 
-def test_pytriton_serves_the_pipeline(toy_pipe, scene_png):
-    ports = [free_port() for _ in range(3)]
-    with pytriton_server("127.0.0.1", *ports) as triton:
-        bind_pytriton(triton, toy_pipe, "toy", 8, 5000, Limits(max_tokens=64))
-        triton.run()
-        check_model(ports[0], "toy", scene_png)
+def test_btp_serve_triton_serves_through_pytriton_and_stops_on_sigterm(toy_artifact, scene_png):
+    port = free_port()  # HTTP; gRPC and metrics on the next two
+    proc = subprocess.Popen([sys.executable, "-m", "btp.serve.cli", str(toy_artifact), "--triton", "--port",
+                             str(port), "--model-name", "toy", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        info = json.loads(proc.stdout.readline())  # once Triton has the model; its log went to stderr
+        assert info["triton"] and info["url"] == f"http://127.0.0.1:{port}" and info["max_batch"] == 8
+        err = check_model(port, "toy", scene_png)
+        assert "PyTritonBadParameterError" in str(err)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0 and proc.stdout.read() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def stock_triton(repo: Path, work: Path, ports: list[int]) -> subprocess.Popen:
