@@ -172,7 +172,7 @@ def _build(cfg: BuildConfig, out: Path, backend: str, on_graph) -> BuildResult:
     plan = resolve_plan(cfg.plan, model)
     _check_limits(cfg, model.image_tokens)
     graphs, chain = build_graphs(model, plan, cfg.limits.max_positions)
-    chain = replace(chain, max_prompt=cfg.limits.max_prompt, max_batch=cfg.limits.max_batch)
+    chain = replace(chain, bounds=cfg.limits)
 
     try:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))

@@ -61,9 +61,16 @@ class ChainSpec:
     num_kv_heads: int
     head_dim: int
     dtype: str = "float32"
-    max_positions: int = 4096
-    max_prompt: int | None = None  # compiled artifacts: the prompt and batch bounds their graphs were built for
-    max_batch: int | None = None
+    max_positions: int = 4096  # the rotary tables' length: `bounds.max_positions` for a compiled artifact
+    bounds: Bounds | None = None  # compiled artifacts: the bounds their graphs were built for
+
+    @property
+    def max_prompt(self) -> int | None:
+        return self.bounds.max_prompt if self.bounds else None
+
+    @property
+    def max_batch(self) -> int | None:
+        return self.bounds.max_batch if self.bounds else None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -74,7 +81,11 @@ class ChainSpec:
         return [s for s in self.stages if s.prune is not None]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The manifest's `chain` document: the bounds stored flat, as `max_prompt` and `max_batch` (the answer's
+        bound is `max_positions - max_prompt`)."""
+        d = asdict(self)
+        del d["bounds"]
+        return {**d, "max_prompt": self.max_prompt, "max_batch": self.max_batch}
 
     @classmethod
     def from_dict(cls, data: dict) -> ChainSpec:
@@ -82,4 +93,7 @@ class ChainSpec:
         d["stages"] = tuple(StageLayout(**{**s, "layers": tuple(s["layers"])}) for s in d["stages"])
         d["grid"] = tuple(d["grid"])
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        prompt, batch = d.pop("max_prompt", None), d.pop("max_batch", None)
+        if prompt is not None and batch is not None:
+            d["bounds"] = Bounds(batch, prompt, d["max_positions"] - prompt)
         return cls(**d)
