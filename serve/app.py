@@ -73,8 +73,8 @@ def create_app(pipe: Pipeline, options: ServeOptions) -> Starlette:
                 kind, payload = await asyncio.wait_for(job.events.get(), options.timeout_s)
             except asyncio.TimeoutError:
                 job.cancel()
-                raise RequestError(f"timed out after {options.timeout_s:g} s in the queue (--timeout)", status=503,
-                                   code="timeout") from None
+                raise RequestError(f"timed out after {options.timeout_s:g} s in the queue (btp-serve --timeout)",
+                                   status=503, code="timeout") from None
         except BtpError as err:
             return refuse(err)
         if req.stream:
@@ -127,7 +127,8 @@ def create_app(pipe: Pipeline, options: ServeOptions) -> Starlette:
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 past `limit` bytes (from Content-Length, else while it streams in)."""
     declared = request.headers.get("content-length", "")
-    too_big = RequestError(f"the body is over {limit} bytes (--max-body-bytes)", status=413, code="body_too_large")
+    too_big = RequestError(f"the body is over {limit} bytes (btp-serve --max-body-bytes)", status=413,
+                           code="body_too_large")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0

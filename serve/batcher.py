@@ -140,7 +140,7 @@ class Batcher:
     def submit(self, job: Job) -> None:
         """Queue `job`; `RequestError` 429 when `max_queue` requests already wait."""
         if len(self._pending) >= self.max_queue:
-            raise RequestError(f"the server is busy: {len(self._pending)} requests queued (--max-queue "
+            raise RequestError(f"the server is busy: {len(self._pending)} requests queued (btp-serve --max-queue "
                                f"{self.max_queue}); retry later", status=429, code="queue_full")
         self._pending.append(job)
         self.metrics.queue_depth.set(len(self._pending))

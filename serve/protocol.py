@@ -150,7 +150,7 @@ def image_bytes(url: str, limits: Limits) -> bytes:
     if url.startswith(("http://", "https://")):
         if not limits.allow_remote_images:
             raise RequestError("image_url: remote images are refused (the server was not started with "
-                               "--allow-remote-images); send a data:image/...;base64 URL", param="messages",
+                               "btp-serve --allow-remote-images); send a data:image/...;base64 URL", param="messages",
                                code="remote_image_refused")
         return fetch_remote(url, limits.max_image_bytes)
     head, sep, data = url.partition(",")
@@ -158,7 +158,7 @@ def image_bytes(url: str, limits: Limits) -> bytes:
         raise RequestError(f"image_url: expected a data:image/...;base64,... URL, found {url[:40]!r}",
                            param="messages", code="invalid_image_url")
     if len(data) > limits.max_image_bytes * 4 // 3 + 4:
-        raise RequestError(f"image_url: the image is over {limits.max_image_bytes} bytes (--max-image-bytes)",
+        raise RequestError(f"image_url: the image is over {limits.max_image_bytes} bytes (btp-serve --max-image-bytes)",
                            status=413, param="messages", code="image_too_large")
     try:
         raw = base64.b64decode(data, validate=True)
@@ -166,7 +166,7 @@ def image_bytes(url: str, limits: Limits) -> bytes:
         raise RequestError(f"image_url: invalid base64 ({err})", param="messages", code="invalid_base64") from err
     if len(raw) > limits.max_image_bytes:
         raise RequestError(f"image_url: the image is {len(raw)} bytes, over {limits.max_image_bytes} "
-                           "(--max-image-bytes)", status=413, param="messages", code="image_too_large")
+                           "(btp-serve --max-image-bytes)", status=413, param="messages", code="image_too_large")
     return raw
 
 
@@ -199,7 +199,7 @@ def decode_image(raw: bytes, limits: Limits, what: str = "image_url"):
                            code="invalid_image") from err
     if w * h > limits.max_image_pixels:
         raise RequestError(f"{what}: {w}x{h} is {w * h} pixels, over the {limits.max_image_pixels} accepted "
-                           "(--max-image-pixels)", param="messages", code="image_too_large")
+                           "(btp-serve --max-image-pixels)", param="messages", code="image_too_large")
     try:
         return open_image(_Named(raw, what))
     except BtpError as err:
