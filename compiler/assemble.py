@@ -28,10 +28,11 @@ def stage_layout(plan: Plan, every_layer: bool = False) -> list[StageLayout]:
 def recipes(plan: Plan) -> list[Recipe]:
     """One static selection recipe per plan stage, in order."""
     out, alive = [], plan.model.image_tokens
-    for s in plan.stages:
+    for i, s in enumerate(plan.stages):
         seeds = spatial_seeds(plan.model.grid[0], s.spatial, plan.spatial_metric) if s.spatial else ()
+        released = s.selection == "released"
         out.append(Recipe(alive=alive, keep=s.keep, seeds=seeds, attention=s.attention, rho=s.rho,
-                          rebalance=s.rebalance))
+                          rebalance=s.rebalance, released=released, union=released and i == 0 and s.keep > 0))
         alive = s.keep
     return out
 

@@ -25,6 +25,10 @@ class Stage(BaseModel):
 
     Picks: `spatial` grid seeds (first stage only), `attention` by score (from the top `ceil(rho*attention)`,
     rebalanced toward the first half of the span), and `keep - spatial - attention` by diversity.
+    `selection` "released" is the released BTP code's form (BTP.md section 2): `int(rho*attention)` candidates,
+    rebalance toward indices below `keep`, and at the first stage the union of seeds, attention picks over all
+    tokens and a from-scratch diversity pick, filled by diversity to `keep`. `lambda` is always the attention
+    share of the non-spatial picks, `attention / (keep - spatial)`, whatever a document stored (None at keep 0).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -36,6 +40,13 @@ class Stage(BaseModel):
     rho: float = Field(1.0, ge=1.0, allow_inf_nan=False)
     rebalance: bool = False
     lambda_: float | None = Field(None, alias="lambda", ge=0.0, le=1.0)
+    selection: Literal["exclusive", "released"] = "exclusive"
+
+    @model_validator(mode="after")
+    def _derived_lambda(self) -> Stage:
+        share = round(self.attention / (self.keep - self.spatial), 6) if self.keep > self.spatial else None
+        object.__setattr__(self, "lambda_", share)  # frozen model: derived once, here
+        return self
 
     @property
     def diversity(self) -> int:
@@ -43,6 +54,8 @@ class Stage(BaseModel):
 
     @property
     def candidates(self) -> int:
+        if self.selection == "released":
+            return max(self.attention, math.floor(self.rho * self.attention + 1e-9))
         return max(self.attention, math.ceil(self.rho * self.attention - 1e-9))
 
 
@@ -107,13 +120,15 @@ class Plan(BaseModel):
             if s.spatial and m.grid[0] != m.grid[1]:
                 raise ValueError(f"{at}.spatial: spatial seeds need a square grid, the model's is "
                                  f"{m.grid[0]}x{m.grid[1]}")
-            if s.layer == 0 and (s.attention or s.spatial):
-                field = "attention" if s.attention else "spatial"
-                raise ValueError(f"{at}.{field}: there is no attention before layer 0, so only a diversity-only "
-                                 f"recipe may sit there (spatial and attention must be 0)")
-            if s.attention and s.candidates > alive - s.spatial:
-                raise ValueError(f"{at}.rho: ceil(rho * attention) = {s.candidates} candidates exceed the "
-                                 f"{alive - s.spatial} tokens left after the spatial seeds")
+            if s.layer == 0 and s.attention:
+                raise ValueError(f"{at}.attention: there is no attention before layer 0, so only spatial seeds and "
+                                 f"diversity may sit there (attention must be 0)")
+            union = s.selection == "released" and i == 0  # the released first stage ranks over all tokens
+            room = alive if union else alive - s.spatial
+            if s.attention and s.candidates > room:
+                rounding = "int" if s.selection == "released" else "ceil"
+                raise ValueError(f"{at}.rho: {rounding}(rho * attention) = {s.candidates} candidates exceed the "
+                                 f"{room} tokens " + ("alive" if union else "left after the spatial seeds"))
             alive = s.keep
         return self
 

@@ -1,7 +1,8 @@
 """Preset plans (`none`, `btp`, `fastv`, `pdrop`, `divprune`) resolved against a model's depth and `N0`.
 
-`btp` scales the published LLaVA-1.5-7B schedule (BTP.md section 3); the others are peers expressed in
-the same schema so that they compile, run and benchmark the same way.
+`btp` scales the published LLaVA-1.5-7B schedule (BTP.md section 3) with the released code's selection
+(`selection: "released"`); the others are peers expressed in the same schema (points of the same plan space) so
+that they compile, run, benchmark and start a calibration search the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 from btp.runtime.errors import PlanError
 
 from .plan import FORMAT, ModelInfo, Plan, Stage, _first_error
-from .schedule import _round, last_keep
+from .schedule import _layer_tokens, _round, fit_keeps, last_keep
 
 # The published schedule on 32 layers: (first reduced layer, keep fraction of N0, attention share of keep,
 # rho, lambda). Spatial seeds N0/4 at the first stage when the grid is square.
@@ -22,7 +23,6 @@ _BTP_LAYERS = (3, 6, 14, 22)
 _BTP_KEEP = (1 / 2, 1 / 4, 1 / 12, 0.0)
 _BTP_ATTENTION = (0.3, 0.9, 1.0, 0.0)
 _BTP_RHO = (3.7, 1.5, 1.2, 1.0)
-_BTP_LAMBDA = (0.6, 0.8, 1.0, None)
 # PDrop: cuts at a quarter, half and three quarters of the depth, halving the image tokens each time.
 _PDROP_DEPTH = (1 / 4, 1 / 2, 3 / 4)
 _PDROP_KEEP = (1 / 2, 1 / 4, 1 / 8)
@@ -62,7 +62,8 @@ def _btp_average(info: ModelInfo) -> float:
 
 
 def btp(info: ModelInfo, scale: float = 1.0) -> Plan:
-    """The published schedule; `scale` multiplies every stage's keep (spatial seeds stay half the first keep)."""
+    """The published schedule with the released code's selection; `scale` multiplies every stage's keep (spatial
+    seeds stay half the first keep). Its `lambda`s are the shares its counts give (0.597, 0.896, 1 on LLaVA-1.5)."""
     n0, square = info.image_tokens, info.grid[0] == info.grid[1]
     layers = _layers([x / 32 for x in _BTP_LAYERS], info.num_layers)
     stages = []
@@ -71,10 +72,12 @@ def btp(info: ModelInfo, scale: float = 1.0) -> Plan:
         spatial = _round(keep / 2) if i == 0 and square else 0
         attention = min(math.floor(_BTP_ATTENTION[i] * keep), keep - spatial)
         alive = n0 if i == 0 else stages[-1]["keep"]
-        # Candidate pools cannot exceed what is left after the seeds (only binds for scaled-up keeps).
-        rho = min(_BTP_RHO[i], math.floor(100 * (alive - spatial) / attention) / 100) if attention else _BTP_RHO[i]
+        # Candidate pools cannot exceed the tokens they rank: all of them at the released code's first stage,
+        # those left after the seeds otherwise (only binds for scaled-up keeps).
+        room = alive if i == 0 else alive - spatial
+        rho = min(_BTP_RHO[i], math.floor(100 * room / attention) / 100) if attention else _BTP_RHO[i]
         stages.append({"layer": layer, "keep": keep, "spatial": spatial, "attention": attention,
-                       "rho": rho, "rebalance": attention > 0, "lambda": _BTP_LAMBDA[i]})
+                       "rho": rho, "rebalance": attention > 0, "selection": "released"})
     return _plan(info, stages, "preset:btp")
 
 
@@ -96,8 +99,38 @@ def btp_budget(info: ModelInfo, share: float) -> Plan:
     """`btp`'s schedule with its keeps scaled so that the layer-averaged image tokens are `share * N0`
     (0.22 is the published 78% compression). Raises `PlanError` for a share the schedule cannot reach."""
     layers = _layers([x / 32 for x in _BTP_LAYERS], info.num_layers)
-    plan = btp(info, _scale_for(info, layers, _BTP_KEEP, share, "btp"))
+    plan = _refit(btp(info, _scale_for(info, layers, _BTP_KEEP, share, "btp")), share, "btp")
     return plan.model_copy(update={"calibration": {"method": f"preset:btp@{share:g}"}})
+
+
+def token_tolerance(target: float) -> float:
+    """How far a plan's layer-averaged image tokens may sit from a `target` of them: 2%, or half a token (an
+    integer keep at layer 0 moves the average by whole tokens)."""
+    return max(0.02 * target, 0.5)
+
+
+def _refit(plan: Plan, share: float, name: str) -> Plan:
+    """`plan` when its layer average is within `token_tolerance` of `share * N0`; else its keeps (as weights)
+    solved jointly for it (`fit_keeps`), the recipes' shares kept. `PlanError` when even that misses."""
+    info = plan.model
+    target, depth, n0 = share * info.image_tokens, info.num_layers, info.image_tokens
+    if abs(plan.average_image_tokens() - target) <= token_tolerance(target):
+        return plan
+    layers = [s.layer for s in plan.stages]
+    keeps = fit_keeps(n0, layers, [s.keep for s in plan.stages], depth, lambda t: sum(t) / depth, target)
+    got = sum(_layer_tokens(n0, layers, keeps, depth)) / depth
+    if abs(got - target) > token_tolerance(target):
+        raise PlanError(f"{name} at a layer-averaged share of {share:g} is out of reach on a model with {depth} "
+                        f"layers: its nearest layer average is {got:.2f} image tokens, not {target:.2f}")
+    stages, alive = [], n0
+    for s, k in zip(plan.stages, keeps):
+        spatial = min(s.spatial, _round(k / 2))
+        attention = min(k - spatial, math.floor(s.attention * k / s.keep)) if s.keep else 0
+        room = alive if s.selection == "released" and not stages else alive - spatial
+        rho = min(s.rho, math.floor(100 * room / attention) / 100) if attention else s.rho
+        stages.append(s.model_copy(update={"keep": k, "spatial": spatial, "attention": attention, "rho": rho}))
+        alive = k
+    return _plan(info, [x.model_dump(by_alias=True, exclude={"lambda_"}) for x in stages], f"preset:{name}")
 
 
 def at_budget(name: str, info: ModelInfo, share: float) -> Plan:
@@ -108,8 +141,9 @@ def at_budget(name: str, info: ModelInfo, share: float) -> Plan:
     if name == "btp":
         return btp_budget(info, share)
     if name == "pdrop":
-        return pdrop(info, _scale_for(info, _layers(list(_PDROP_DEPTH), info.num_layers), _PDROP_KEEP, share,
-                                      "pdrop"), share)
+        plan = _refit(pdrop(info, _scale_for(info, _layers(list(_PDROP_DEPTH), info.num_layers), _PDROP_KEEP,
+                                             share, "pdrop")), share, "pdrop")
+        return plan.model_copy(update={"calibration": {"method": f"preset:pdrop@{share:g}"}})
     elif name in ("fastv", "divprune"):
         layer = 0 if name == "divprune" else _fastv_layer(info)
         keep = last_keep(n0, [layer], [], info.num_layers, target)

@@ -194,14 +194,15 @@ def stage_keeps(n0: int, layers: list[int], num_layers: int, *, ratio: float = 0
 
 
 def stage_recipes(keeps: list[int], layers: list[int], n0: int, square: bool, lambda_start: float = 0.6,
-                  rhos: Sequence[float] = (3.7, 1.5, 1.2)) -> list[dict]:
+                  rhos: Sequence[float] = (3.7, 1.5, 1.2), attention_from: int = 1) -> list[dict]:
     """One Plan `Stage` dict per stage (keys layer, keep, spatial, attention, rho, rebalance, lambda).
 
     `lambda` rises linearly from `lambda_start` (first stage) to 1.0 (last stage keeping tokens; a lone one gets
     `lambda_start`); keep-0 stages get no picks and lambda None. spatial = keep // 2 at the first stage on a square
     grid; attention = floor(lambda * (keep - spatial)); rho from `rhos` (last repeated), lowered so that
     ceil(rho * attention) <= alive - spatial (1.0 without attention). A first stage at layer 0 is diversity-only
-    (spatial = attention = 0, lambda 0).
+    (spatial = attention = 0, lambda 0); so is any stage before layer `attention_from` (where the last prompt
+    token's attention has not yet concentrated, `focus_layer`), keeping its spatial seeds.
     """
     if len(keeps) != len(layers):
         raise ValueError(f"stage_recipes: {len(keeps)} keeps for {len(layers)} layers")
@@ -217,7 +218,7 @@ def stage_recipes(keeps: list[int], layers: list[int], n0: int, square: bool, la
         else:
             lam = round(lambda_start + (1.0 - lambda_start) * s / (live - 1), 6) if live > 1 else lambda_start
             spatial = keep // 2 if s == 0 and square else 0
-            attention = math.floor(lam * (keep - spatial) + _EPS)
+            attention = math.floor(lam * (keep - spatial) + _EPS) if layer >= attention_from else 0
         rho = 1.0
         if attention:
             rho = max(1.0, float(rhos[min(s, len(rhos) - 1)]))
@@ -228,3 +229,68 @@ def stage_recipes(keeps: list[int], layers: list[int], n0: int, square: bool, la
                     "rebalance": attention > 0, "lambda": lam})
         alive = keep
     return out
+
+
+def focus_layer(concentration: Sequence[float], uniform: float) -> int:
+    """The first layer from which the last prompt token's attention stays concentrated on few image tokens: every
+    layer from it on holds at least halfway between `uniform` (the share a uniform attention gives) and the peak
+    share of its top tokens (`concentration[l]`, 0-based layer). A cut at layer `b` ranks by layer `b-1`'s
+    attention, so attention picks help from `focus_layer + 1` on. `len(concentration)` when none does."""
+    if not concentration:
+        return 0
+    level = (uniform + max(concentration)) / 2
+    first = len(concentration)
+    for layer in range(len(concentration) - 1, -1, -1):
+        if concentration[layer] < level:
+            break
+        first = layer
+    return first
+
+
+def fit_keeps(n0: int, layers: Sequence[int], weights: Sequence[float], depth: int,
+              measure: Callable[[list[int]], float], target: float, floor: int = 0) -> list[int]:
+    """Per-stage keeps, jointly solved so that `measure(per_layer_tokens)` (non-decreasing in every keep) comes
+    nearest `target`: `round(c * weights[i])` for one scale `c`, clamped strictly decreasing below `n0` with the
+    last positive-weight stage at least `floor` (a weight of 0 keeps 0), then single keeps moved by one while
+    that brings the measure nearer. `measure` takes the `[depth]` per-layer image tokens. ValueError when
+    the weights leave no room for strictly decreasing keeps."""
+    s_count = len(layers)
+    if s_count != len(weights) or not s_count:
+        raise ValueError(f"fit_keeps: {len(weights)} weights for {s_count} layers")
+    live = [i for i, w in enumerate(weights) if w > 0]
+    low = {i: floor + sum(1 for j in live if j > i) for i in live}
+    if live and (low[live[0]] >= n0 or any(weights[j] > 0 for j in range(live[-1] + 1, s_count))):
+        raise ValueError(f"fit_keeps: no strictly decreasing keeps below {n0} with floor {floor}")
+
+    def fit(c: float) -> list[int]:
+        out, prev = [], n0
+        for i, w in enumerate(weights):
+            k = 0 if w <= 0 else max(low[i], min(prev - 1, _round(c * w)))
+            out.append(k)
+            prev = k
+        return out
+
+    def gap(keeps: list[int]) -> float:
+        return abs(measure(_layer_tokens(n0, list(layers), keeps, depth)) - target)
+
+    lo, hi = 0.0, 2.0 * n0 / min((w for w in weights if w > 0), default=1.0)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if measure(_layer_tokens(n0, list(layers), fit(mid), depth)) < target else (lo, mid)
+    best = min((fit(lo), fit(hi)), key=gap)
+    for _ in range(4 * s_count):  # single-keep moves by one, while the gap shrinks
+        moves = []
+        for i in live:
+            for step in (-1, 1):
+                k = [*best]
+                k[i] += step
+                prev = [n0, *k][: i + 1][-1]
+                nxt = k[i + 1] if i + 1 < s_count else -1
+                if low[i] <= k[i] < prev and k[i] > nxt:
+                    moves.append(k)
+        cand = min(moves, key=gap, default=best)
+        if gap(cand) >= gap(best) - _EPS:
+            break
+        best = cand
+    return best
+

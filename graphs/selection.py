@@ -48,6 +48,9 @@ class Recipe:
 
     `seeds` are spatial seed indices (first stage only), `attention` picks are taken from the top
     `candidates = ceil(rho * attention)` by score, the rest (`keep - len(seeds) - attention`) by diversity.
+    `released`: the released BTP code's counts, `int(rho * attention)` candidates and a rebalance toward indices
+    below `keep`. `union` (its first stage): seeds, attention picks over all tokens and `diversity` picks from
+    scratch are made independently, their union is taken and filled by diversity to exactly `keep`.
     """
 
     alive: int
@@ -56,6 +59,8 @@ class Recipe:
     attention: int = 0
     rho: float = 1.0
     rebalance: bool = False
+    released: bool = False
+    union: bool = False
 
     def __post_init__(self):
         if not 0 <= self.keep <= self.alive:
@@ -64,12 +69,15 @@ class Recipe:
             raise ValueError("seeds + attention exceed keep")
         if len(set(self.seeds)) != len(self.seeds) or any(not 0 <= s < self.alive for s in self.seeds):
             raise ValueError("seeds must be distinct indices inside the image span")
-        if self.attention and self.candidates > self.alive - len(self.seeds):
-            raise ValueError(f"{self.candidates} attention candidates exceed the {self.alive} - seeds tokens left")
+        room = self.alive if self.union else self.alive - len(self.seeds)
+        if self.attention and self.candidates > room:
+            raise ValueError(f"{self.candidates} attention candidates exceed the {room} tokens they rank")
 
     @property
     def candidates(self) -> int:
-        # The tiny epsilon keeps ceil(3.7 * 10) at 37 despite binary floating point.
+        # The tiny epsilon keeps ceil(3.7 * 10) at 37 (and int(1.2 * 5) at 6) despite binary floating point.
+        if self.released:
+            return max(self.attention, math.floor(self.rho * self.attention + 1e-9))
         return max(self.attention, math.ceil(self.rho * self.attention - 1e-9))
 
     @property
@@ -110,7 +118,8 @@ def attention_picks(scores: torch.Tensor, chosen: torch.Tensor, recipe: Recipe) 
         return cand[:, : recipe.attention]
     c = recipe.candidates
     rank = torch.arange(c, device=scores.device, dtype=torch.float32)[None, :]  # [1,C]
-    late = (cand * 2 >= recipe.alive).float()  # second half of the current span
+    # ours: the second half of the current span; the released code: indices at or past the stage budget
+    late = (cand >= recipe.keep if recipe.released else cand * 2 >= recipe.alive).float()
     order = torch.topk(-(rank + late * c), recipe.attention, dim=1, largest=True, sorted=True).indices
     return cand.gather(1, order)
 
@@ -155,6 +164,41 @@ def farthest_point_fill(dist: torch.Tensor, chosen: torch.Tensor, picks: int, se
     return seeded_fill(dist, chosen, picks) if picks > 0 else chosen
 
 
+def fill_to(dist: torch.Tensor, chosen: torch.Tensor, keep: int, trips: int) -> torch.Tensor:
+    """Greedy max-min picks added to `chosen` until each row holds `keep`: `dist [B,N,N]` fp32, `chosen [B,N]`
+    bool with at least `keep - trips` set per row -> `[B,N]` bool with exactly `keep` set. Rows start with
+    different counts (a union of overlapping picks), so every one of the `trips` steps picks only in the rows
+    still short: a constant trip count, no data-dependent shape."""
+    b, n, _ = dist.shape
+    ar = torch.arange(n, device=dist.device)
+    mind = torch.where(chosen[:, :, None], dist, torch.full_like(dist, _FAR)).amin(dim=1)  # [B,N]
+    for _ in range(trips):
+        short = chosen.sum(dim=1, keepdim=True) < keep  # [B,1]
+        pick = torch.argmax(torch.where(chosen, torch.full_like(mind, _CHOSEN), mind), dim=1)  # [B]
+        chosen = chosen | ((ar[None, :] == pick[:, None]) & short)
+        row = dist.gather(1, pick[:, None, None].expand(b, 1, n)).squeeze(1)  # [B,N]
+        mind = torch.minimum(mind, row)
+    return chosen
+
+
+def _union_select(hidden: torch.Tensor, scores: torch.Tensor | None, recipe: Recipe,
+                  seeds: torch.Tensor) -> torch.Tensor:
+    """The released code's first stage: `seeds [B,N]` bool | attention picks over all tokens | `diversity`
+    picks from scratch, filled by diversity to `keep` -> chosen `[B,N]` bool."""
+    b, n = seeds.shape
+    dist = cosine_distance(hidden)  # [B,N,N]
+    chosen = seeds
+    if recipe.attention:
+        if scores is None:
+            raise ValueError("this recipe has attention picks and needs scores")
+        picks = attention_picks(scores, torch.zeros_like(seeds), recipe)  # [B,A], may overlap the seeds
+        chosen = chosen | (torch.arange(n, device=hidden.device)[None, None, :] == picks[:, :, None]).any(1)
+    if recipe.diversity:
+        chosen = chosen | farthest_point_fill(dist, torch.zeros_like(seeds), recipe.diversity, seeded=False)
+    smallest = max(len(recipe.seeds), recipe.attention, recipe.diversity)  # each part alone is duplicate-free
+    return fill_to(dist, chosen, recipe.keep, recipe.keep - smallest)
+
+
 def ascending_indices(chosen: torch.Tensor, k: int) -> torch.Tensor:
     """`chosen [B,N]` bool with exactly `k` set per row -> their indices ascending, `[B,k]` int64."""
     n = chosen.shape[1]
@@ -175,6 +219,8 @@ def select(hidden: torch.Tensor, scores: torch.Tensor | None, recipe: Recipe) ->
     if recipe.seeds:
         seed_mask[list(recipe.seeds)] = True
     chosen = seed_mask[None, :].expand(b, n)
+    if recipe.union:
+        return ascending_indices(_union_select(hidden, scores, recipe, chosen), recipe.keep)
     if recipe.attention:
         if scores is None:
             raise ValueError("this recipe has attention picks and needs scores")

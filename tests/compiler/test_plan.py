@@ -87,8 +87,31 @@ def test_diversity_only_stage_at_layer_0_is_valid():
     plan = Plan.parse(doc({"layer": 0, "keep": 16}))
     assert plan.stages[0].diversity == 16
     assert plan.layer_tokens() == [16] * 8
-    msg = plan_error(doc({"layer": 0, "keep": 32, "spatial": 16}))
-    assert "stages[0].spatial" in msg and "diversity-only" in msg
+    # spatial seeds need no attention: a layer-0 grid (the uniform-grid baseline) is valid, attention is not
+    grid = Plan.parse(doc({"layer": 0, "keep": 16, "spatial": 16}))
+    assert grid.stages[0].diversity == 0 and grid.stages[0].lambda_ is None  # no non-spatial picks
+    msg = plan_error(doc({"layer": 0, "keep": 32, "spatial": 16, "attention": 4}))
+    assert "stages[0].attention" in msg and "no attention before layer 0" in msg
+
+
+def test_lambda_is_the_share_the_counts_give():
+    """Whatever a document stores, `lambda` is attention / (keep - spatial); None where nothing is kept."""
+    plan = Plan.parse(doc({"layer": 1, "keep": 32, "spatial": 8, "attention": 6, "lambda": 0.9},
+                          {"layer": 3, "keep": 10, "attention": 10}, {"layer": 5, "keep": 0}))
+    assert [s.lambda_ for s in plan.stages] == [0.25, 1.0, None]
+    assert [s.get("lambda") for s in json.loads(plan.to_json())["stages"]] == [0.25, 1.0, None]
+
+
+def test_released_selection_counts_int_candidates_over_all_tokens():
+    """The released first stage ranks all alive tokens with int(rho * attention) candidates; ours ceil, after
+    the seeds."""
+    stage = {"layer": 1, "keep": 40, "spatial": 16, "attention": 20, "rho": 2.5}
+    assert "50 candidates exceed the 48" in plan_error(doc(stage))
+    plan = Plan.parse(doc({**stage, "selection": "released"}))
+    assert plan.stages[0].candidates == 50
+    assert Plan.parse(doc({**stage, "rho": 2.41, "selection": "released"})).stages[0].candidates == 48
+    msg = plan_error(doc({**stage, "rho": 3.3, "selection": "released"}))
+    assert "int(rho * attention) = 66 candidates exceed the 64 tokens alive" in msg
 
 
 def test_valid_edges_pass():
@@ -174,8 +197,10 @@ def test_round_trip(tiny, tmp_path, name):
     for stage, saved in zip(plan.stages, raw["stages"], strict=True):
         assert "lambda_" not in saved
         assert saved.get("lambda") == stage.lambda_
-    if name == "btp":
-        assert [s["lambda"] for s in raw["stages"][:3]] == [0.6, 0.8, 1.0]
+    if name == "btp":  # the shares its counts give (8 seeds, 4 of 8, 14 of 16, 5 of 5 on tiny-llava)
+        assert [s.get("lambda") for s in raw["stages"]] == [
+            round(s.attention / (s.keep - s.spatial), 6) if s.keep else None for s in plan.stages]
+        assert {s["selection"] for s in raw["stages"]} == {"released"}
 
 
 # --------------------------------------------------------------------------------------------- presets

@@ -235,7 +235,7 @@ def test_recipes_published_case_validate():
     # 0.6 * 144 = 86.4 -> 86 and 1.0 * 48 = 48 as published; the rule gives 0.8 * 144 -> 115 at stage 2
     # (the published code uses 129 = floor(0.9 * 144) there, an attention share above its lambda of 0.8).
     assert [s.attention for s in p.stages] == [86, 115, 48, 0]
-    assert [s.lambda_ for s in p.stages] == [0.6, 0.8, 1.0, None]
+    assert [s.lambda_ for s in p.stages] == [0.597222, 0.798611, 1.0, None]  # the shares the counts give
     assert [s.rho for s in p.stages] == [3.7, 1.5, 1.2, 1.0]
     assert [s.rebalance for s in p.stages] == [True, True, True, False]
     assert p.average_image_tokens() == pytest.approx(129.0)
@@ -248,7 +248,7 @@ def test_recipes_tiny_square_case_validate():
     p = plan(TINY, stage_recipes(keeps, layers, 64, square=True))
     assert [(s.spatial, s.attention) for s in p.stages] == [(16, 9), (0, 12), (0, 8), (0, 0)]
     assert [s.diversity for s in p.stages] == [7, 4, 0, 0]
-    assert [s.lambda_ for s in p.stages] == [0.6, 0.8, 1.0, None]
+    assert [s.lambda_ for s in p.stages] == [0.5625, 0.75, 1.0, None]  # 9/16, 12/16, 8/8
 
 
 def test_recipes_lower_rho_to_fit_and_skip_spatial_off_square():

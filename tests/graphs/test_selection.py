@@ -186,3 +186,57 @@ def test_equal_scores_rank_by_index_like_onnx_topk():
     recipe = Recipe(alive=n, keep=3, attention=3)
     keep = select(torch.randn(2, n, 3), torch.zeros(2, n), recipe)
     assert keep.tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+def _angles(degrees):
+    """One unit vector per token at the given angle: cosine distances are `1 - cos(angle difference)`."""
+    t = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return torch.stack((t.cos(), t.sin()), dim=-1)[None].float()  # [1,N,2]
+
+
+def test_released_first_stage_by_hand():
+    """The released code's first stage on a 3x3 grid, keep 6: 2 spatial seeds, 3 attention picks from
+    int(1.4 * 3) = 4 candidates over all tokens rebalanced toward indices below keep, 1 diversity pick from
+    scratch, their union filled by diversity.
+
+    Tokens sit at angles 0, 4, 8, 60, 170, 190, 200, 12, 16 degrees (token i at the i-th angle).
+    - seeds: farthest-point on the grid from 0 (Manhattan): 0, then 8 (distance 4).
+    - attention: scores rank 8 (0.9), 5 (0.8), 2 (0.7), 7 (0.65); the top 4 of all tokens are [8, 5, 2, 7];
+      indices below keep=6 first: 5, 2, then 8 -> {2, 5, 8}; 8 overlaps a seed.
+    - diversity from scratch, 1 pick: the token whose nearest neighbour is farthest: 3 (44 degrees to 8).
+    - union {0, 2, 3, 5, 8}: 5 tokens, one short of keep.
+    - fill: distance to the union: 1 -> 4, 4 -> 20 (to 5), 6 -> 10 (to 5), 7 -> 4 degrees: pick 4.
+    Kept: 0, 2, 3, 4, 5, 8.
+    Ours (exclusive) on the same counts: ceil(4.2) = 5 candidates among the 7 unseeded tokens, 5, 2, 7, 1 and
+    then 3 (the first zero score); indices below N/2 = 4.5 first: 2, 1, 3; the fill then picks 6 (140 degrees
+    from its nearest chosen token, 3; 5 is 130 and 4 is 110 from 3): kept 0, 1, 2, 3, 6, 8.
+    """
+    hidden = _angles([0, 4, 8, 60, 170, 190, 200, 12, 16])
+    scores = torch.tensor([[0.1, 0.6, 0.7, 0.0, 0.0, 0.8, 0.0, 0.65, 0.9]])
+    seeds = spatial_seeds(3, 2)
+    assert seeds == (0, 8)
+    released = Recipe(alive=9, keep=6, seeds=seeds, attention=3, rho=1.4, rebalance=True, released=True, union=True)
+    assert released.candidates == 4 and released.diversity == 1
+    assert select(hidden, scores, released).tolist() == [[0, 2, 3, 4, 5, 8]]
+    ours = Recipe(alive=9, keep=6, seeds=seeds, attention=3, rho=1.4, rebalance=True)
+    assert ours.candidates == 5
+    assert select(hidden, scores, ours).tolist() == [[0, 1, 2, 3, 6, 8]]
+    # released counts and threshold without the union (a later stage): attention among unchosen, then the fill
+    later = Recipe(alive=9, keep=4, attention=2, rho=1.6, rebalance=True, released=True)
+    assert later.candidates == 3  # int(3.2); ceil would rank 4
+    # top 3: 8, 5, 2; below keep=4 first: 2, then 8 (5 is late); the fill's farthest from {2, 8}: 5 (174 degrees
+    # to 16; 6: 168 to 8, 4: 154 to 16), then from {2, 5, 8}: 3 (44 to 8; 4: 20, 6: 10, the rest 8 or less)
+    assert select(hidden, scores, later).tolist() == [[2, 3, 5, 8]]
+
+
+def test_union_fill_reaches_keep_in_every_row():
+    """Rows whose picks overlap differently still end with exactly `keep` distinct tokens (a constant trip count)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 16, 4, generator=g)
+    scores = torch.randn(3, 16, generator=g)
+    recipe = Recipe(alive=16, keep=9, seeds=spatial_seeds(4, 4), attention=3, rho=2.0, rebalance=True,
+                    released=True, union=True)
+    keep = select(hidden, scores, recipe)
+    assert keep.shape == (3, 9)
+    for row in keep.tolist():
+        assert row == sorted(set(row)) and {0, 15} <= set(row)
