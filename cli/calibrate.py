@@ -1,7 +1,8 @@
 """`btp-calibrate MODEL --data builtin|DIR -o plan.json`: a BTP plan from a calibration set.
 
 The paper's rule places the boundaries from the per-layer drift profile; `--method search` then searches
-boundaries, budgets and attention shares that minimise the output distortion under the same target.
+boundaries, per-stage keeps, attention shares and diversity stages for the least output distortion under the
+same target, from the rule's plan and every preset scaled to it.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ def parser() -> argparse.ArgumentParser:
     goal.add_argument("--flops", type=float, help="target share of the unpruned decoder FLOPs, e.g. 0.25")
     p.add_argument("--stages", type=int, default=4, help="pruning stages (4, as in the paper)")
     p.add_argument("--lambda-start", type=float, default=0.6, help="attention share of the first stage")
-    p.add_argument("--keep-last", type=int, nargs="?", const=-1, default=0, metavar="N",
-                   help="keep N image tokens to the end instead of dropping them all (default N0/16)")
+    p.add_argument("--keep-last", type=int, nargs="?", const=-1, default=-1, metavar="N",
+                   help="image tokens kept to the end (default N0/16; 0 lets the last stage drop them all)")
     p.add_argument("--method", choices=("drift", "search"), default="drift")
-    p.add_argument("--budget-evals", type=int, default=24, help="plans the search may evaluate (24)")
+    p.add_argument("--budget-evals", type=int, default=40, help="plans the search may evaluate (40)")
     p.add_argument("--batch", type=int, default=8, help="samples per forward pass (8)")
     add_alias(p, "--batch-size", "batch", type=int)
     p.add_argument("-o", "--out", required=True, help="plan file to write")
@@ -53,10 +54,11 @@ def _progress(bar: Progress):
     """`calibrate`'s progress callback: one bar per phase."""
     tasks: dict[str, int] = {}
 
-    def update(phase: str, done: int, total: int) -> None:
+    def update(phase: str, done: int, total: int, best: float | None = None) -> None:
         if phase not in tasks:
             tasks[phase] = bar.add_task(phase, total=total)
-        bar.update(tasks[phase], completed=done)
+        label = phase if best is None else f"{phase} (best distortion {best:.4f})"
+        bar.update(tasks[phase], completed=done, total=total, description=label)
 
     return update
 
@@ -124,6 +126,8 @@ def _print(console, model, plan: Plan, report: dict, summary: dict, target: Targ
                  title="distortion vs the unpruned model")
     for name, r in report.items():
         h = r.get("heldout", {})
+        if name == "search":
+            name = f"search (from {r['origin']}, {r['evaluations']} plans)"
         dist.add_row(name, f"{r['calibration']['kl']:.5f}", f"{r['calibration']['cosine']:.5f}",
                      f"{h.get('kl', float('nan')):.5f}", f"{h.get('cosine', float('nan')):.5f}")
     console.print(dist)

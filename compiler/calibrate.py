@@ -1,15 +1,16 @@
-"""Calibration (BTP.md section 4): per-layer statistics of the unpruned model, the paper's boundary rule,
-and a plan search against a token or FLOPs target that starts from the rule's plan.
+"""Calibration (BTP.md section 4): per-layer statistics of the unpruned model, the paper's boundary rule, and
+`calibrate`, which makes the rule's plan or searches the plan space (`search.py`) from it and from the presets.
 
 Statistics come from the same `graphs` modules the reference runs, one decoder layer at a time: for every
-layer, the number of image tokens whose hidden state turns by more than `tau` (cosine below it) and the
-last prompt token's attention mass on the image span.
+layer, the number of image tokens whose hidden state turns by more than `tau` (cosine below it), the last
+prompt token's attention mass on the image span, and how concentrated that attention is (the share of its
+image attention on its top N0/8 image tokens).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,9 +22,14 @@ from btp.runtime.errors import InputError, PlanError
 from .calibration_data import Sample
 from .cost import decoder_flops
 from .plan import FORMAT, Plan, Stage
-from .presets import model_info, resolve_plan
+from .presets import model_info
 from .reference import reference_pipeline
-from .schedule import boundaries_from_drift, stage_keeps, stage_recipes
+from .schedule import _layer_tokens, boundaries_from_drift, fit_keeps, focus_layer, stage_keeps, stage_recipes
+from .search import Reference, batches, distortion, prefill, profile_start, reference_outputs, score, search
+from .space import Target, budget_for, presets_at, realise
+
+__all__ = ["Genome", "Profile", "Target", "Reference", "calibrate", "collect_profile", "distortion", "plan_from",
+           "reachable_start", "reference_outputs", "rule_genome", "score", "search"]
 
 log = logging.getLogger(__name__)
 
@@ -39,48 +45,15 @@ class Profile:
     samples: int
     tau: float
     text_tokens: float
+    concentration: list[float] = field(default_factory=list)  # top-N0/8 share of the image attention
+    image_tokens: int = 0
 
-
-@dataclass(frozen=True)
-class Target:
-    """What the schedule must meet: layer-averaged image `tokens`, a `retention` share of them, or a
-    `flops` share of the unpruned decoder FLOPs. At most one is set; none keeps the published schedule."""
-
-    tokens: float | None = None
-    retention: float | None = None
-    flops: float | None = None
-
-    def __post_init__(self):
-        if sum(v is not None for v in (self.tokens, self.retention, self.flops)) > 1:
-            raise PlanError(f"expected at most one target of tokens, retention and flops, got {self.describe()}")
-        for name in ("retention", "flops"):
-            v = getattr(self, name)
-            if v is not None and not 0 < v <= 1:
-                raise PlanError(f"must be a fraction in (0, 1], got {v}", option=name)
-        if self.tokens is not None and self.tokens < 0:
-            raise PlanError(f"must be >= 0, got {self.tokens}", option="tokens")
-
-    def describe(self) -> dict:
-        return {k: v for k, v in (("tokens", self.tokens), ("retention", self.retention), ("flops", self.flops))
-                if v is not None}
-
-
-def _batches(samples: Sequence[Sample], size: int):
-    for i in range(0, len(samples), size):
-        yield samples[i : i + size]
-
-
-def _prefill(pipe, batch: Sequence[Sample], observe):
-    """`pipe.prefill` over `batch` with the observer; an `InputError` names the sample the model cannot take."""
-    try:
-        return pipe.prefill([s.image for s in batch], [s.prompt for s in batch], on_graph=observe)
-    except InputError as err:
-        for s in batch:  # the batch is small: find the sample
-            try:
-                pipe.prepare([s.image], [s.prompt])
-            except InputError as one:
-                raise InputError(f"{s.source}: {one}") from err
-        raise
+    def focus(self) -> int:
+        """The layer from which the last prompt token's attention stays concentrated (`focus_layer`); 0 without
+        a concentration profile."""
+        if not self.concentration or not self.image_tokens:
+            return 0
+        return focus_layer(self.concentration, max(1, self.image_tokens // 8) / self.image_tokens)
 
 
 class _LayerStatistics:
@@ -93,6 +66,7 @@ class _LayerStatistics:
         depth = len(self.layer)
         self.drift = torch.zeros(depth, dtype=torch.float64)
         self.mass = torch.zeros(depth, dtype=torch.float64)
+        self.peak = torch.zeros(depth, dtype=torch.float64)
         self.text_tokens = 0.0
         self.span = None
 
@@ -112,7 +86,10 @@ class _LayerStatistics:
         after = outputs[names.HIDDEN_STATES].gather(1, rows).float()
         similarity = torch.nn.functional.cosine_similarity(before, after, dim=-1)  # [B,N0]
         self.drift[i] += (similarity < self.tau).sum().item()
-        self.mass[i] += outputs[names.SCORES].gather(1, self.span).sum().item()
+        image = outputs[names.SCORES].gather(1, self.span).double()  # [B,N0]
+        self.mass[i] += image.sum().item()
+        share = image / image.sum(1, keepdim=True).clamp_min(1e-30)
+        self.peak[i] += share.topk(max(1, self.n0 // 8), dim=1).values.sum().item()
 
 
 @torch.inference_mode()
@@ -125,23 +102,27 @@ def collect_profile(model, samples: Sequence[Sample], tau: float = 0.93, batch_s
     pipe = reference_pipeline(model, "none", per_layer=True)
     stats = _LayerStatistics(pipe.spec, tau)
     done = 0
-    for batch in _batches(samples, batch_size):
-        _prefill(pipe, batch, stats)
+    for batch in batches(samples, batch_size):
+        prefill(pipe, batch, stats)
         done += len(batch)
         if progress:
             progress(done, len(samples))
     return Profile(drift=(stats.drift / done).tolist(), attention=(stats.mass / done).tolist(), samples=done,
-                   tau=tau, text_tokens=stats.text_tokens / done)
+                   tau=tau, text_tokens=stats.text_tokens / done, concentration=(stats.peak / done).tolist(),
+                   image_tokens=model.image_tokens)
 
 
 # ------------------------------------------------------------------------------------------------ plans
 @dataclass(frozen=True)
 class Genome:
-    """The searched knobs of a schedule: boundaries, the budget ratio between stages, the attention share."""
+    """The rule's knobs: boundaries, the budget ratio between stages, the first stage's attention share, and the
+    first layer whose stage may pick by attention (earlier ones are diversity-only: the attention has not yet
+    concentrated on the image, `Profile.focus`)."""
 
     layers: tuple[int, ...]
     ratio: float = 0.5
     lambda_start: float = 0.6
+    attention_from: int = 1
 
 
 def plan_from(model, genome: Genome, target: Target, text_tokens: int, floor: int = 0,
@@ -160,7 +141,8 @@ def plan_from(model, genome: Genome, target: Target, text_tokens: int, floor: in
         kwargs["target_cost"] = target.flops * full
     try:
         keeps = _keeps_for_target(n0, layers, depth, kwargs)
-        dicts = stage_recipes(keeps, layers, n0, info.grid[0] == info.grid[1], lambda_start=genome.lambda_start)
+        dicts = stage_recipes(keeps, layers, n0, info.grid[0] == info.grid[1], lambda_start=genome.lambda_start,
+                              attention_from=genome.attention_from)
     except ValueError as err:
         raise PlanError(f"target {target.describe()} is out of reach with boundaries {layers} at any budget ratio "
                         f"0.05..0.95 (at ratio {genome.ratio:g}: {err})") from err
@@ -170,7 +152,8 @@ def plan_from(model, genome: Genome, target: Target, text_tokens: int, floor: in
 
 def _keeps_for_target(n0: int, layers: list[int], depth: int, kwargs: dict) -> list[int]:
     """`stage_keeps` at the genome's ratio; when its target is out of reach there, at the nearest ratio
-    (0.05..0.95) that reaches it, so that low or high targets still get the rule's boundaries."""
+    (0.05..0.95) that reaches it, so that low or high targets still get the rule's boundaries; failing that, the
+    ratio's keeps solved jointly (`fit_keeps`) when they land within 2%."""
     try:
         return stage_keeps(n0, layers, depth, **kwargs)
     except ValueError as first:
@@ -182,22 +165,35 @@ def _keeps_for_target(n0: int, layers: list[int], depth: int, kwargs: dict) -> l
                 return stage_keeps(n0, layers, depth, **{**kwargs, "ratio": r})
             except ValueError:
                 continue
+        # no ratio puts the target inside the last keep's range: the keeps at this ratio solved jointly, when
+        # that lands within 2% (a floor or integer keeps can leave the target just outside every range)
+        measure = kwargs.get("cost") or (lambda per_layer: sum(per_layer) / depth)
+        want = kwargs.get("target_cost", kwargs.get("target_tokens"))
+        weights = [ratio ** (s + 1) for s in range(len(layers))]
+        try:
+            keeps = fit_keeps(n0, layers, weights, depth, measure, want, kwargs["floor"])
+        except ValueError:
+            raise first from None
+        if abs(measure(_layer_tokens(n0, layers, keeps, depth)) - want) <= 0.02 * abs(want):
+            return keeps
         raise first
 
 
 def rule_genome(profile: Profile, stages: int = 4, lambda_start: float = 0.6) -> Genome:
-    """The paper's rule: boundaries from the drift profile (`boundaries_from_drift`), ratio 0.5."""
+    """The paper's rule: boundaries from the drift profile (`boundaries_from_drift`), ratio 0.5; stages whose
+    scores come from before the focus layer pick by diversity only."""
     depth = len(profile.drift)
     if not 1 <= stages <= depth - 1:
         raise PlanError(f"must be 1 to {depth - 1} on a model with {depth} layers (a stage's first layer is 1 to "
                         f"{depth - 1}), got {stages}", option="stages")
-    return Genome(tuple(boundaries_from_drift(profile.drift, stages)), 0.5, lambda_start)
+    return Genome(tuple(boundaries_from_drift(profile.drift, stages)), 0.5, lambda_start, profile.focus() + 1)
 
 
 def reachable_start(model, genome: Genome, target: Target, text_tokens: int, floor: int = 0) -> Genome:
     """`genome` when its plan meets `target`; else the same boundaries moved 1, 2, ... layers earlier (each
-    stage's first layer at least its 1-based stage number) until one does. On a shallow model the rule's cuts
-    can come too late for a low target: on 6 layers a 22% layer average needs the first cut at layer 1.
+    stage's first layer at least its 0-based stage number: the first may reach layer 0, diversity-only there)
+    until one does. On a shallow model the rule's cuts can come too late for a low target: on 6 layers a 22%
+    layer average needs the first cut at layer 0 or 1.
     PlanError (the original genome's) when not even the earliest boundaries reach it."""
     try:
         plan_from(model, genome, target, text_tokens, floor)
@@ -206,141 +202,29 @@ def reachable_start(model, genome: Genome, target: Target, text_tokens: int, flo
         first = err
     layers = genome.layers
     for d in range(1, max(genome.layers)):
-        layers = tuple(max(i + 1, b - d) for i, b in enumerate(genome.layers))
-        moved = Genome(layers, genome.ratio, genome.lambda_start)
+        layers = tuple(max(i, b - d) for i, b in enumerate(genome.layers))
+        moved = Genome(layers, genome.ratio, genome.lambda_start, genome.attention_from)
         try:
             plan_from(model, moved, target, text_tokens, floor)
             return moved
         except PlanError:
-            if layers == tuple(range(1, len(layers) + 1)):
+            if layers == tuple(range(len(layers))):
                 break
     raise PlanError(f"{first}; moved back as far as {list(layers)} the boundaries still cannot reach it") from first
 
 
-# ------------------------------------------------------------------------------------------------ distortion
-@dataclass
-class Reference:
-    """Unpruned outputs per sample: last-position logits `[S,V]` and last-layer hidden states `[S,D]`."""
-
-    logits: torch.Tensor
-    hidden: torch.Tensor
-
-
-def _run_outputs(model, plan: Plan, samples: Sequence[Sample], batch_size: int) -> Reference:
-    pipe = reference_pipeline(model, plan)
-    captured: list[torch.Tensor] = []
-
-    def observe(name, feeds, _outputs):
-        if name == names.HEAD:
-            captured.append(feeds[names.HIDDEN_STATES][:, -1].float())
-
-    logits = [_prefill(pipe, batch, observe).logits.float() for batch in _batches(samples, batch_size)]
-    return Reference(torch.cat(logits), torch.cat(captured))
-
-
-def reference_outputs(model, samples: Sequence[Sample], batch_size: int = 8) -> Reference:
-    return _run_outputs(model, resolve_plan("none", model), samples, batch_size)
-
-
-def distortion(model, plan: Plan, samples: Sequence[Sample], ref: Reference, batch_size: int = 8) -> dict:
-    """Mean KL(unpruned || pruned) of the next-token distribution and mean cosine of the last-layer hidden
-    state of the last prompt token, over `samples`."""
-    out = _run_outputs(model, plan, samples, batch_size)
-    p = torch.log_softmax(ref.logits, -1)
-    q = torch.log_softmax(out.logits, -1)
-    kl = (p.exp() * (p - q)).sum(-1).mean().item()
-    cos = torch.nn.functional.cosine_similarity(ref.hidden, out.hidden, dim=-1).mean().item()
-    return {"kl": max(kl, 0.0), "cosine": cos}
-
-
-def score(d: dict) -> float:
-    """One number to minimise: KL plus the hidden-state cosine gap."""
-    return d["kl"] + (1.0 - d["cosine"])
-
-
-# ------------------------------------------------------------------------------------------------ search
-@dataclass
-class SearchResult:
-    best: Genome
-    plan: Plan
-    distortion: dict
-    evaluations: int
-    history: list[tuple[Genome, float]] = field(default_factory=list)
-
-
-def neighbours(g: Genome, depth: int) -> list[Genome]:
-    """Moves of one knob: each boundary one layer either way, the stage ratio by 0.05, lambda by 0.1."""
-    out = []
-    for i in range(len(g.layers)):
-        for step in (-1, 1):
-            layers = list(g.layers)
-            layers[i] += step
-            if all(0 < a < b < depth for a, b in zip(layers, layers[1:])) and layers[0] > 0 and layers[-1] < depth:
-                out.append(Genome(tuple(layers), g.ratio, g.lambda_start))
-    for step in (-0.05, 0.05):
-        r = round(g.ratio + step, 2)
-        if 0.2 <= r <= 0.8:
-            out.append(Genome(g.layers, r, g.lambda_start))
-    for step in (-0.1, 0.1):
-        lam = round(g.lambda_start + step, 2)
-        if 0.0 <= lam <= 1.0:
-            out.append(Genome(g.layers, g.ratio, lam))
-    return out
-
-
-def search(model, start: Genome, target: Target, text_tokens: int, samples: Sequence[Sample], ref: Reference,
-           budget_evals: int = 24, floor: int = 0, batch_size: int = 8,
-           progress: Progress | None = None) -> SearchResult:
-    """First-improvement hill climbing from `start` under `target`; never returns a plan worse than `start`
-    on `samples` (the start is evaluated first and only strict improvements are accepted)."""
-    if budget_evals < 1:
-        raise PlanError(f"must be >= 1, got {budget_evals}", option="budget_evals")
-    depth = model.num_layers
-    seen: dict[Genome, float] = {}
-    plans: dict[Genome, tuple[Plan, dict]] = {}
-
-    def evaluate(g: Genome) -> float:
-        if g in seen:
-            return seen[g]
-        try:
-            plan = plan_from(model, g, target, text_tokens, floor)
-        except PlanError:
-            seen[g] = math.inf
-            return math.inf
-        d = distortion(model, plan, samples, ref, batch_size)
-        seen[g] = score(d)
-        plans[g] = (plan, d)
-        if progress:
-            progress(len(plans), budget_evals)
-        return seen[g]
-
-    best, best_score = start, evaluate(start)
-    if best_score == math.inf:
-        raise PlanError("the rule's plan does not meet the target; nothing to search from")
-    improved = True
-    while improved and len(plans) < budget_evals:
-        improved = False
-        for g in neighbours(best, depth):
-            if len(plans) >= budget_evals:
-                break
-            s = evaluate(g)
-            if s < best_score - 1e-9:
-                best, best_score, improved = g, s, True
-                break
-    plan, d = plans[best]
-    return SearchResult(best, plan, d, len(plans), [(g, s) for g, s in seen.items() if s < math.inf])
-
-
 # ------------------------------------------------------------------------------------------------ calibrate
-Phase = Callable[[str, int, int], None]  # (phase, done, total): "statistics", "reference outputs", "search"
+# (phase, done, total[, best distortion so far]): "statistics", "reference outputs", "search"
+Phase = Callable[..., None]
 
 
 @dataclass
 class Calibration:
     """What `calibrate` made. `plan`: the chosen plan, its `calibration` block the run's statistics (validated);
-    `baseline`: the plan the distortion report compares it with, the rule's (`origin` "rule") or, when the rule's
-    boundaries cannot reach the target and the search starts earlier, that start's ("start"); `report`: the
-    distortion per plan name (`origin`, and "search"); `notes`: what a user should read (one line each)."""
+    `baseline`: the plan the distortion report compares it with, the rule's (`origin` "rule"), or, when the rule's
+    boundaries cannot reach the target, the same moved earlier ("start"), or where even that fails the search's
+    best start (its name); `report`: the distortion per plan name (`origin`, and "search" with every start's
+    calibration score); `notes`: what a user should read (one line each)."""
 
     plan: Plan
     baseline: Plan
@@ -360,58 +244,85 @@ def _report(model, plan: Plan, cal, held, ref_cal: Reference, ref_held: Referenc
 
 
 def calibrate(model, samples: Sequence[Sample], target: Target, method: str = "drift", heldout: float = 0.25,
-              tau: float = 0.93, stages: int = 4, lambda_start: float = 0.6, keep_last: int | None = 0,
-              budget_evals: int = 24, batch_size: int = 8, source: dict | None = None,
+              tau: float = 0.93, stages: int = 4, lambda_start: float = 0.6, keep_last: int | None = None,
+              budget_evals: int = 40, batch_size: int = 8, source: dict | None = None,
               progress: Phase | None = None) -> Calibration:
     """A plan for `model` from calibration `samples` (the last `heldout` share held out for the report): the
-    paper's rule places the boundaries from the drift profile; `method` "search" then searches boundaries,
-    budgets and attention shares for the least distortion under the same `target` (without one, at the rule's
-    layer-averaged tokens). `keep_last` image tokens survive to the end (None: N0/16). `source` (where the samples
-    came from) is recorded in the plan's `calibration` block. What `btp-calibrate` runs."""
+    paper's rule places the boundaries from the drift profile; `method` "search" then searches the plan space
+    (`search.search`) from the rule's plan, the profile's plan and every preset scaled to the same `target`
+    (without one, the rule's layer-averaged tokens), so its plan is never worse than any of them on the calibration
+    samples. `keep_last` image tokens survive to the end (None: N0/16; 0 lets the last stage drop them all).
+    `source` (where the samples came from) is recorded in the plan's `calibration` block. What `btp-calibrate`
+    runs."""
     from .calibration_data import split
 
     if method not in ("drift", "search"):
         raise InputError(f"calibration method: expected 'drift' or 'search', got {method!r}")
-    step = progress or (lambda phase, done, total: None)
+    step = progress or (lambda phase, done, total, best=None: None)
     cal, held = split(list(samples), heldout)
     floor = max(1, model.image_tokens // 16) if keep_last is None else keep_last
+    if floor < 0:
+        raise PlanError(f"must be >= 0, got {floor}", option="keep_last")
     profile = collect_profile(model, cal, tau, batch_size, lambda d, t: step("statistics", d, t))
     text = round(profile.text_tokens)
-    start = rule_genome(profile, stages, lambda_start)
+    start: Genome | None = rule_genome(profile, stages, lambda_start)
     origin, notes = "rule", []
     if method == "search":
-        # The search may move the boundaries; when the rule's are too late for the target, it starts from the
-        # nearest earlier ones that reach it (the rule's plan is then not made).
-        moved = reachable_start(model, start, target, text, floor)
-        if moved != start:
-            notes.append(f"the rule's boundaries {list(start.layers)} cannot reach {target.describe()}; the search "
+        # When the rule's boundaries are too late for the target, its plan starts from the nearest earlier ones
+        # that reach it; when none do, the search starts from the profile's plan and the presets alone.
+        try:
+            moved = reachable_start(model, start, target, text, floor)
+        except PlanError as err:
+            moved = None
+            notes.append(f"the rule's plan cannot start the search: {err}")
+        if moved is not None and moved != start:
+            notes.append(f"the rule's boundaries {list(start.layers)} cannot reach {target.describe()}; its plan "
                          f"starts from {list(moved.layers)}")
-            log.info(notes[-1])
-            origin, start = "start", moved
-    baseline = plan_from(model, start, target, text, floor)
+            origin = "start"
+        start = moved
+        for note in notes:
+            log.info(note)
+    baseline = plan_from(model, start, target, text, floor) if start is not None else None
     step("reference outputs", 0, 2)
     ref_cal = reference_outputs(model, cal, batch_size)
     step("reference outputs", 1, 2)
     ref_held = reference_outputs(model, held, batch_size) if held else None
     step("reference outputs", 2, 2)
-    report = {origin: _report(model, baseline, cal, held, ref_cal, ref_held, batch_size)}
-    chosen = baseline
+    chosen, report = baseline, {}
     if method == "search":
-        # Without an explicit target the search keeps the rule's layer-averaged tokens: less distortion must not
-        # come from simply keeping more tokens.
-        goal = target if target.describe() else Target(tokens=baseline.average_image_tokens())
-        found = search(model, start, goal, text, cal, ref_cal, budget_evals, floor, batch_size,
-                       lambda d, t: step("search", d, t))
+        found = _search(model, profile, target, text, baseline, origin, cal, ref_cal, budget_evals, floor,
+                        batch_size, step)
+        if baseline is None:  # the best start stands in for the rule's plan in the report
+            origin = min(found.starts, key=found.starts.get)
+            baseline = found.start_plans[origin]
         chosen = found.plan
         report["search"] = _report(model, chosen, cal, held, ref_cal, ref_held, batch_size)
-        report["search"]["evaluations"] = found.evaluations
-        report["search"]["genome"] = {"ratio": found.best.ratio, "lambda_start": found.best.lambda_start}
+        report["search"].update(evaluations=found.evaluations, origin=found.origin,
+                                starts={k: round(v, 6) for k, v in found.starts.items()})
+    report = {origin: _report(model, baseline, cal, held, ref_cal, ref_held, batch_size), **report}
     calibration = {
         "method": method, "samples": len(cal), "heldout": len(held), "tau": tau, **(source or {}),
-        "target": target.describe(), "text_tokens": profile.text_tokens,
+        "target": target.describe(), "text_tokens": profile.text_tokens, "floor": floor,
         "drift": [round(x, 3) for x in profile.drift], "attention": [round(x, 5) for x in profile.attention],
+        "concentration": [round(x, 4) for x in profile.concentration], "focus_layer": profile.focus(),
         "distortion": report,
     }
     plan = chosen.model_copy(update={"calibration": calibration})
     plan = Plan.parse(plan.model_dump(mode="json", by_alias=True, exclude_none=True))  # re-validated
     return Calibration(plan, baseline, origin, profile, report, notes)
+
+
+def _search(model, profile: Profile, target: Target, text: int, baseline: Plan | None, origin: str, cal,
+            ref_cal: Reference, budget_evals: int, floor: int, batch_size: int, step):
+    """The search's starts (the rule's plan as `origin`, the profile's plan, every preset at the budget) and its
+    result. Without a target the budget is the rule's tokens: less
+    distortion must not come from simply keeping more tokens."""
+    info = model_info(model)
+    budget = budget_for(model, target, text, baseline.average_image_tokens() if baseline is not None else None)
+    starts = {origin: baseline} if baseline is not None else {}
+    with contextlib.suppress(PlanError):  # a profile plan out of reach of the budget is no start
+        starts["profile"] = realise(info, profile_start(info.image_tokens, info.num_layers, profile.focus()),
+                                    budget, floor)
+    starts.update({f"preset:{k}": v for k, v in presets_at(info, budget).items()})
+    return search(model, starts, budget, cal, ref_cal, budget_evals, floor, profile.focus(), batch_size,
+                  lambda d, t, best: step("search", d, t, best))

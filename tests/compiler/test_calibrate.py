@@ -17,8 +17,10 @@ from btp.compiler.calibrate import (
     reachable_start,
     reference_outputs,
     rule_genome,
+    score,
     search,
 )
+from btp.compiler.space import budget_for
 from btp.compiler.calibration_data import builtin_samples, split
 
 
@@ -62,12 +64,17 @@ def test_search_is_never_worse_than_the_rule_on_calibration(tiny, profile, data)
     text = round(profile.text_tokens)
     target = Target(retention=0.25)
     ref = reference_outputs(tiny, cal, 4)
-    start = Genome((1, 2, 3, 4))
-    result = search(tiny, start, target, text, cal, ref, budget_evals=8, batch_size=4)
-    rule = distortion(tiny, plan_from(tiny, start, target, text), cal, ref, 4)
-    assert result.evaluations <= 8
-    assert result.distortion["kl"] + (1 - result.distortion["cosine"]) <= rule["kl"] + (1 - rule["cosine"]) + 1e-9
+    start = plan_from(tiny, Genome((1, 2, 3, 4)), target, text)
+    seen = []
+    result = search(tiny, {"rule": start}, budget_for(tiny, target, text), cal, ref, budget_evals=8, batch_size=4,
+                    progress=lambda done, total, best: seen.append((done, total, best)))
+    rule = distortion(tiny, start, cal, ref, 4)
+    assert result.evaluations <= 8 and result.starts == {"rule": score(rule)}
+    assert score(result.distortion) <= score(rule) + 1e-9
     assert abs(result.plan.average_image_tokens() - 16) <= 0.02 * 16
+    # progress: evaluations so far, the budget, the best distortion so far (never rising)
+    assert [d for d, _, _ in seen] == list(range(1, len(seen) + 1)) and {t for _, t, _ in seen} == {8}
+    assert all(b <= a for (_, _, a), (_, _, b) in zip(seen, seen[1:])) and seen[-1][2] == score(result.distortion)
 
 
 def test_unreachable_target_is_a_plan_error(tiny, profile):
@@ -89,14 +96,15 @@ def test_late_boundaries_move_earlier_until_the_target_is_reachable(tiny, profil
         plan_from(tiny, late, target, text)
     moved = reachable_start(tiny, late, target, text)
     assert moved.layers[0] < 4 and all(b - a == 1 for a, b in zip(moved.layers, moved.layers[1:]))
+    assert moved.layers[0] >= 0 and plan_from(tiny, moved, target, text).stages[0].layer == moved.layers[0]
     assert abs(plan_from(tiny, moved, target, text).average_image_tokens() - 16) <= 0.02 * 16
     # one layer less moved would not reach it
     back = moved.layers[0] + 1
     with pytest.raises(PlanError):
         plan_from(tiny, Genome(tuple(range(back, back + 4))), target, text)
     assert reachable_start(tiny, Genome((1, 2, 3, 5)), target, text) == Genome((1, 2, 3, 5))  # reachable: kept
-    with pytest.raises(PlanError, match=r"boundaries \[4, 5, 6, 7\].*moved back as far as \[1, 2, 3, 4\]"):
-        reachable_start(tiny, late, Target(tokens=4.0), text)  # layer 0 alone averages 8
+    with pytest.raises(PlanError, match=r"boundaries \[4, 5, 6, 7\].*moved back as far as \[0, 1, 2, 3\]"):
+        reachable_start(tiny, late, Target(tokens=0.5), text)  # halving keeps from layer 0: at least 32/8 + ...
     # the library names its parameter; btp-calibrate names the flag (the CLI case below)
     with pytest.raises(PlanError, match="^stages must be 1 to 7 on a model with 8 layers"):
         rule_genome(Profile(drift=[0.0] * 8, attention=[0.1] * 8, samples=1, tau=0.9, text_tokens=5.0), 8)
@@ -159,6 +167,12 @@ def test_cli_search_without_target_keeps_the_rule_plans_tokens(tmp_path, capsys)
     report = plan.calibration["distortion"]
     rule_avg = report["rule"]["average_tokens"]
     assert abs(plan.average_image_tokens() - rule_avg) <= 0.02 * rule_avg
-    score = lambda d: d["kl"] + 1 - d["cosine"]  # noqa: E731
     assert score(report["search"]["calibration"]) <= score(report["rule"]["calibration"]) + 1e-9
-    assert report["search"]["evaluations"] <= 5
+    starts = report["search"]["starts"]
+    assert report["search"]["evaluations"] <= max(5, len(starts))  # every start is evaluated, whatever the budget
+    # every start it was given is scored, the rule's and the presets at the same tokens among them
+    assert "rule" in starts and any(k.startswith("preset:") for k in starts)
+    assert score(report["search"]["calibration"]) <= min(starts.values()) + 1e-6
+    # the floor (N0/16) is kept by default: by the rule's plan, and by the search's unless a preset won verbatim
+    assert report["rule"]["keeps"][-1] >= 64 // 16
+    assert plan.stages[-1].keep >= 64 // 16 or report["search"]["origin"].startswith("preset:")
