@@ -20,8 +20,8 @@ from btp.compiler.calibrate import (
     score,
     search,
 )
-from btp.compiler.space import budget_for
 from btp.compiler.calibration_data import builtin_samples, split
+from btp.compiler.space import budget_for
 
 
 @pytest.fixture(scope="module")
