@@ -9,7 +9,7 @@ import sys
 from btp.runtime.cli import add_common, check_writable, emit, run_main, stdout_to_stderr
 from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError
-from btp.tools.bench_quality import plot, quality
+from btp.tools.bench_quality import BASELINES, plot, quality
 from btp.toy import task as toy_task
 
 
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", default="", help="comma list of btp-calibrate methods (drift, search) to add "
                                                    "at each budget, calibrated on the task's train split")
     p.add_argument("--calibration-samples", type=int, default=64)
+    p.add_argument("--baselines", default="", help="comma list of random, grid: layer-0 selections of each budget's "
+                                                   "tokens, at random per question or on a fixed grid")
     p.add_argument("--samples", type=int, help=f"test questions (default: the whole split, {toy_task.TEST_SIZE})")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--cache", default="build/quality", help="where compiled plans are kept")
@@ -53,11 +55,15 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--calibrate takes drift and/or search, got {bad}")
         if calibrate and not budgets:
             raise InputError("--calibrate needs --budgets (the shares the plans are calibrated for)")
+        baselines = [x.strip() for x in args.baselines.split(",") if x.strip()]
+        if [b for b in baselines if b not in BASELINES] or (baselines and not budgets):
+            raise InputError(f"--baselines takes random and/or grid, with --budgets; got {args.baselines!r}")
         if args.batch < 1 or (args.samples is not None and args.samples < 1) or args.calibration_samples < 2:
             raise InputError("--batch and --samples must be >= 1, --calibration-samples >= 2")
         with stdout_to_stderr():  # whatever the compiler prints; stdout is the report
             report = quality(args.model, plans, budgets, calibrate, args.samples, args.batch, args.cache,
-                             args.calibration_samples, log=lambda m: print(m, file=sys.stderr))
+                             args.calibration_samples, log=lambda m: print(m, file=sys.stderr),
+                             baselines=baselines)
         return emit(report, args.json, _print, args.plot, plot)
 
     return run_main(body, args.debug, "btp-bench-quality")
@@ -68,16 +74,23 @@ def _print(report: dict) -> None:
     from rich.table import Table
 
     table = Table("plan", "layer-averaged image tokens", "share", "decoder FLOPs", "accuracy", "retained",
-                  title=f"btp-bench-quality {report['model']} ({report['samples']} test questions)")
+                  "agreement", title=f"btp-bench-quality {report['model']} ({report['samples']} test questions)")
     for r in report["rows"]:
         if "skipped" in r:
             table.add_row(r["plan"], "-", "-", "-", "-", "skipped: out of reach" if "reach" in r["skipped"]
-                          else "skipped")
+                          else "skipped", "-")
             continue
         retained = f"{100 * r['retained']:.1f}%" if "retained" in r else "-"
+        agree = f"{100 * r['agreement']:.1f}%" if "agreement" in r else "-"
         table.add_row(r["plan"], f"{r['layer_averaged_image_tokens']:.1f}", f"{100 * r['image_token_share']:.1f}%",
-                      f"{100 * r['flops_ratio']:.1f}%", f"{100 * r['accuracy']:.1f}%", retained)
-    Console(highlight=False).print(table)
+                      f"{100 * r['flops_ratio']:.1f}%", f"{100 * r['accuracy']:.1f}%", retained, agree)
+    console = Console(highlight=False)
+    console.print(table)
+    for c in report.get("comparisons", []):
+        verdict = "significant" if c["significant"] else "not significant"
+        console.print(f"{c['plan']} vs {c['against']}: {100 * c['accuracy_difference']:+.1f} points, right only "
+                      f"with it {c['only_plan']}, only with {c['against']} {c['only_against']}; McNemar exact "
+                      f"p = {c['p_value']:.3g} ({verdict} at {report['significance']})")
 
 
 if __name__ == "__main__":

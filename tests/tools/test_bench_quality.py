@@ -10,6 +10,30 @@ from btp.tools import bench_quality
 from btp.toy import task as toy_task
 
 
+def test_mcnemar_exact_by_hand():
+    """Two-sided exact McNemar: 2 * P[Binomial(b + c, 1/2) <= min(b, c)], capped at 1."""
+    assert bench_quality.mcnemar(0, 0) == 1.0
+    assert bench_quality.mcnemar(5, 0) == bench_quality.mcnemar(0, 5) == 2 / 32
+    assert bench_quality.mcnemar(10, 2) == 2 * (1 + 12 + 66) / 4096  # 0.0386: significant at 0.05
+    assert bench_quality.mcnemar(3, 3) == 1.0
+
+
+def test_calibrated_rows_are_compared_with_the_best_preset_at_their_budget():
+    rows = [{"plan": "fastv@0.2", "method": "fastv", "budget": 0.2, "accuracy": 0.5},
+            {"plan": "divprune@0.2", "method": "divprune", "budget": 0.2, "accuracy": 0.7},
+            {"plan": "divprune@0.1", "method": "divprune", "budget": 0.1, "accuracy": 0.9},
+            {"plan": "random@0.2", "method": "random", "budget": 0.2, "accuracy": 0.9},
+            {"plan": "calibrated-search@0.2", "method": "calibrated-search", "budget": 0.2, "accuracy": 0.6}]
+    correct = {"fastv@0.2": [True] * 5 + [False] * 5, "divprune@0.2": [True] * 7 + [False] * 3,
+               "divprune@0.1": [True] * 9 + [False], "random@0.2": [True] * 9 + [False],
+               "calibrated-search@0.2": [False, True, True, True, True, True, True, False, False, False]}
+    (c,) = bench_quality.compare(rows, correct)
+    # the best preset at 0.2 (not the random baseline, not the preset at another budget); discordant: 1 and 0
+    assert (c["plan"], c["against"], c["only_plan"], c["only_against"]) == ("calibrated-search@0.2",
+                                                                            "divprune@0.2", 0, 1)
+    assert abs(c["accuracy_difference"] + 0.1) < 1e-12 and c["p_value"] == 1.0 and not c["significant"]
+
+
 def test_answers_compare_without_case_or_final_stop():
     assert bench_quality.normalise(" Bottom Right.") == "bottom right"
     assert bench_quality.normalise("two") != bench_quality.normalise("three")
@@ -33,11 +57,17 @@ def test_quality_table_on_a_subset(tmp_path, capsys):
     whole split), makes smaller subsets noisy: on the first 30 four of the five count answers are wrong."""
     png = tmp_path / "quality.png"
     code = bench_quality_cli.main(["builtin:toy-vlm", "--plans", "none,btp,pdrop", "--budgets", "0.3", "--samples",
-                               "60", "--batch", "15", "--cache", str(tmp_path / "cache"), "--json", "--plot", str(png)])
+                               "60", "--batch", "15", "--cache", str(tmp_path / "cache"), "--json", "--plot", str(png),
+                               "--baselines", "random,grid"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     rows = {r["plan"]: r for r in report["rows"]}
-    assert set(rows) == {"none", "btp@0.3", "pdrop@0.3"}
+    assert set(rows) == {"none", "btp@0.3", "pdrop@0.3", "random@0.3", "grid@0.3"}
+    assert rows["none"]["agreement"] == 1.0 and 0 <= rows["random@0.3"]["agreement"] <= 1
+    for name in ("random@0.3", "grid@0.3"):  # round(0.3 * 81) = 24 tokens from layer 0 on
+        assert rows[name]["stages"] == [{"layer": 0, "keep": 24, "spatial": 24 if name == "grid@0.3" else 0,
+                                         "attention": 0}]
+    assert report["comparisons"] == [] and report["significance"] == 0.05  # no calibrated rows to compare
     assert report["samples"] == 60 and report["image_tokens"] == 81
     none, btp = rows["none"], rows["btp@0.3"]
     assert none["accuracy"] >= 0.9 and none["layer_averaged_image_tokens"] == 81 and none["flops_ratio"] == 1
@@ -99,6 +129,7 @@ def test_calibration_set_is_readable_by_btp_calibrate(tmp_path):
     (["--budgets", "half"], "--budgets takes comma-separated shares"),
     (["--calibrate", "search"], "--calibrate needs --budgets"),
     (["--calibrate", "magic", "--budgets", "0.2"], "--calibrate takes drift and/or search"),
+    (["--baselines", "random"], "--baselines takes random and/or grid, with --budgets"),
     (["--plans", "nowhere.json"], "--plans nowhere.json"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys, tmp_path, briefly_trained):
