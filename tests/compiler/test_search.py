@@ -1,6 +1,8 @@
 """The plan space and the search (`compiler/space.py`, `compiler/search.py`): budgets met, plans valid, never
 worse than a preset at the same budget."""
 
+import contextlib
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -45,10 +47,8 @@ def test_realised_plans_meet_their_budget_and_validate(specs, share, floor, flop
         assert stage.lambda_ is None or stage.lambda_ == round(stage.attention / (stage.keep - stage.spatial), 6)
     # its moves stay in the space: every neighbour realises to a valid plan within the budget, or refuses
     for moved in neighbours(specs_of(plan), 6, focus=3)[:8]:
-        try:
+        with contextlib.suppress(PlanError):
             assert budget.meets(realise(INFO, moved, budget, floor))
-        except PlanError:
-            pass
 
 
 def test_presets_are_points_of_the_space():
@@ -85,10 +85,8 @@ def test_search_meets_the_budget_and_beats_every_preset(tiny, calibration, share
     budget = budget_for(tiny, Target(retention=share), text)
     presets = presets_at(info, budget)
     starts = dict(presets)
-    try:
+    with contextlib.suppress(PlanError):
         starts["profile"] = realise(info, profile_start(64, 8, focus), budget, floor)
-    except PlanError:
-        pass
     result = search(tiny, starts, budget, samples, ref, budget_evals=len(starts) + 3, floor=floor, focus=focus,
                     batch_size=4)
     assert budget.meets(result.plan) and Plan.parse(result.plan.to_json()) == result.plan
