@@ -2,8 +2,9 @@
 lowers it under a budget: `btp-calibrate --method search`.
 
 The search evaluates its starts (the rule's plan, the profile's diversity-then-attention plan and every preset
-scaled to the budget), then climbs from the best one, one move at a time, accepting only a plan with less
-distortion. Its result is therefore never worse on the calibration samples than any start.
+scaled to the budget), then climbs from the best one (then the next), one move at a time, accepting only a plan
+with less distortion. It returns the best plan it evaluated: never worse on the calibration samples than any
+start.
 """
 
 from __future__ import annotations
@@ -158,9 +159,10 @@ class SearchResult:
 def search(model, starts: dict[str, Plan], budget: Budget, samples: Sequence[Sample], ref: Reference,
            budget_evals: int = 40, floor: int = 0, focus: int = 0, batch_size: int = 8,
            progress: SearchProgress | None = None) -> SearchResult:
-    """Evaluate every start that meets `budget`, then first-improvement hill climbing from the best over
-    `neighbours`, within `budget_evals` evaluations (starts included, at least every start); only plans meeting
-    `budget` are evaluated and only strictly lower distortion is accepted."""
+    """Evaluate every start that meets `budget`, then first-improvement hill climbing over `neighbours` from the
+    best start, then (evaluations left) from the next best, within `budget_evals` evaluations (starts included, at
+    least every start); only plans meeting `budget` are evaluated, a climb accepts only strictly lower distortion,
+    and the best plan evaluated is returned."""
     if budget_evals < 1:
         raise PlanError(f"must be >= 1, got {budget_evals}", option="budget_evals")
     info = next(iter(starts.values())).model if starts else None
@@ -185,24 +187,23 @@ def search(model, starts: dict[str, Plan], budget: Budget, samples: Sequence[Sam
     start_scores = {name: evaluate(p, name) for name, p in starts.items() if budget.meets(p)}
     if not start_scores:
         raise PlanError(f"no start meets the budget {budget.value:g}; nothing to search from")
-    improved = True
-    while improved and len(results) < budget_evals:
-        improved = False
-        plan = results[best["key"]][0]
-        for specs in neighbours(specs_of(plan), budget.depth, focus):
-            if len(results) >= budget_evals:
-                break
-            if floor and specs[-1].weight <= 0:
-                continue  # a floor survives to the end: no new plan drops every image token
-            try:
-                cand = realise(info, specs, budget, floor)
-            except PlanError:
-                continue
-            before = best["score"]
-            evaluate(cand, best["origin"].split("+")[0] + "+search")
-            if best["score"] < before:
-                improved = True
-                break
+    # climb from the best start; at a local optimum with evaluations left, from the next best start
+    for name in sorted(start_scores, key=start_scores.get):
+        key, improved = starts[name].stages, True
+        while improved and len(results) < budget_evals:
+            improved = False
+            for specs in neighbours(specs_of(results[key][0]), budget.depth, focus):
+                if len(results) >= budget_evals:
+                    break
+                if floor and specs[-1].weight <= 0:
+                    continue  # a floor survives to the end: no new plan drops every image token
+                try:
+                    cand = realise(info, specs, budget, floor)
+                except PlanError:
+                    continue
+                if evaluate(cand, f"{name}+search") < seen[key] - 1e-9:
+                    key, improved = cand.stages, True
+                    break
     plan, d = results[best["key"]]
     log.info("search: %d plans, best %.5f from %s", len(results), best["score"], best["origin"])
     return SearchResult(plan, d, len(results), best["origin"], start_scores, history,
