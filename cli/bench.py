@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                        log=log, rebuild=args.rebuild, backend=args.backend, device=args.device)
         return emit(report, args.json, _print, args.plot, plot)
 
-    return run_main(body, args.debug, "btp-bench")
+    return run_main(body, args.debug, "btp-bench", options=vars(args))
 
 
 def _print(report: dict) -> None:

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                              baselines=baselines)
         return emit(report, args.json, _print, args.plot, plot)
 
-    return run_main(body, args.debug, "btp-bench-quality")
+    return run_main(body, args.debug, "btp-bench-quality", options=vars(args))
 
 
 def _print(report: dict) -> None:

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                         "plan": json.loads(plan.to_json())})
         return 0
 
-    return run_main(body, args.debug, "btp-calibrate")
+    return run_main(body, args.debug, "btp-calibrate", options=vars(args))
 
 
 def _summary(model, plan: Plan) -> dict:

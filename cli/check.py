@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             print_report(report, args.save)
         return OK if report["passed"] else FAILED
 
-    return run_main(body, args.debug, "btp-check")
+    return run_main(body, args.debug, "btp-check", options=vars(args))
 
 
 def print_report(report: dict, save: Path | None = None, console=None) -> None:

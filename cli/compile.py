@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             print_json(doc)
         return code
 
-    return run_main(body, args.debug, "btp-compile", {"workspace_gib": "--workspace"})
+    return run_main(body, args.debug, "btp-compile", {"workspace_gib": "--workspace"}, options=vars(args))
 
 
 def _result(result, seconds: float) -> dict:

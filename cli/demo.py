@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                         "layer_averaged_image_tokens": avg, "timings": out.timings})
         return 0
 
-    return run_main(body, args.debug, "btp-demo")
+    return run_main(body, args.debug, "btp-demo", options=vars(args))
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             print_json(report)
         return OK if report["passed"] else FAILED
 
-    return run_main(body, args.debug, "btp-gpu-check")
+    return run_main(body, args.debug, "btp-gpu-check", options=vars(args))
 
 
 if __name__ == "__main__":

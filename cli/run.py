@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.explain}", file=sys.stderr)
         return 0
 
-    return run_main(body, args.debug, "btp-run")
+    return run_main(body, args.debug, "btp-run", options=vars(args))
 
 
 if __name__ == "__main__":

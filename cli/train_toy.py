@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             print_json({"out": str(args.out), **record})
         return 0
 
-    return run_main(body, args.debug, "btp-train-toy")
+    return run_main(body, args.debug, "btp-train-toy", options=vars(args))
 
 
 def _check_args(args) -> None:

@@ -88,18 +88,20 @@ def save_figure(fig, path) -> Path:
     return out
 
 
-def run_main(body: Callable[[], int], debug: bool, prog: str, flags: dict[str, str] | None = None) -> int:
+def run_main(body: Callable[[], int], debug: bool, prog: str, flags: dict[str, str] | None = None,
+             options=None) -> int:
     """Run a CLI body and return its exit code (see the module docstring): the body's own code (0, or 1 for a
     failed check), 2 with `prog: error: message` on stderr for a `BtpError` (naming the flag of the library
-    option at fault: `flags`, else `--` + the option's dashed name), 3 with one line for an unexpected
-    exception; with `debug` both raise instead, with their traceback."""
+    option at fault: `flags`, else `--` + the option's dashed name where `options`, the command's parsed option
+    names, hold it), 3 with one line for an unexpected exception; with `debug` both raise instead, with their
+    traceback."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return body()
     except BtpError as err:
         if debug:
             raise
-        print(f"{prog}: error: {err.render(flags)}", file=sys.stderr)
+        print(f"{prog}: error: {err.render(flags, options)}", file=sys.stderr)
         return BAD_INPUT
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -17,9 +17,15 @@ class BtpError(Exception):
     def __str__(self) -> str:
         return self._with(self.option)
 
-    def render(self, flags: dict[str, str] | None = None) -> str:
-        """The message with the command line's flag for `option` (`flags`, else `--` + its dashed name)."""
-        return self._with(self.option and ((flags or {}).get(self.option) or "--" + self.option.replace("_", "-")))
+    def render(self, flags: dict[str, str] | None = None, options=None) -> str:
+        """The message with the command line's flag for `option`: `flags[option]`, else `--` + its dashed name
+        when the command has that option (`options`: its option names, None: assume it has), else the name."""
+        name = self.option
+        if name in (flags or {}):
+            name = flags[name]
+        elif name and (options is None or name in options):
+            name = "--" + name.replace("_", "-")
+        return self._with(name)
 
     def _with(self, name: str | None) -> str:
         if not name:

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--clients, --requests and --max-new-tokens: expected >= 1")
         return emit(bench(args), args.json, show)
 
-    return run_main(body, args.debug, "btp-bench-serve")
+    return run_main(body, args.debug, "btp-bench-serve", options=vars(args))
 
 
 if __name__ == "__main__":

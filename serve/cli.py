@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve_triton(args, pipe, options, wait_us, info)
         return _serve_http(args, pipe, options, info)
 
-    return run_main(body, args.debug, "btp-serve")
+    return run_main(body, args.debug, "btp-serve", options=vars(args))
 
 
 def _serve_http(args, pipe, options: ServeOptions, info: dict) -> int:

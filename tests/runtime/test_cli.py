@@ -108,6 +108,8 @@ def test_library_errors_name_their_parameter_and_command_lines_their_flag(capsys
     assert capsys.readouterr().err == "btp-x: error: --max-batch must be >= 1, got 0\n"
     assert run_main(fail, False, "btp-x", {"max_batch": "--batch-limit"}) == 2
     assert capsys.readouterr().err == "btp-x: error: --batch-limit must be >= 1, got 0\n"
+    assert run_main(fail, False, "btp-x", options={"other": 1}) == 2  # a command without that option: the name
+    assert capsys.readouterr().err == "btp-x: error: max_batch must be >= 1, got 0\n"
     placed = BuildError("out exists; pass {option} to replace it", option="force")
     assert str(placed) == "out exists; pass force to replace it"
     assert placed.render() == "out exists; pass --force to replace it"
