@@ -4,7 +4,6 @@ to first token p50/p99, and the ratios N vs 1."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -17,25 +16,9 @@ import urllib.request
 from http.client import HTTPConnection
 from pathlib import Path
 
-from btp.runtime.cli import add_common, emit, run_main
 from btp.runtime.errors import InputError
 
 SCENE = "the bundled toy scene"
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="btp-bench-serve", description=__doc__)
-    p.add_argument("artifact", help="artifact directory written by btp-compile")
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients of the loaded run (default: 8)")
-    p.add_argument("--requests", type=int, default=48, help="requests per run (default: 48)")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds a run may take at most (default: 60)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per answer, forced (min_tokens)")
-    p.add_argument("--image", default=SCENE, help="image file to ask about (default: the bundled toy scene)")
-    p.add_argument("--prompt", default="Where is the white circle?", help="question")
-    p.add_argument("--threads", type=int, default=0, help="the server's ONNX Runtime threads (0 = its choice)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's batching window")
-    add_common(p)
-    return p
 
 
 def free_port() -> int:
@@ -128,7 +111,7 @@ def bench(args) -> dict:
         {"type": "text", "text": args.prompt}]}], "max_tokens": args.max_new_tokens,
         "min_tokens": args.max_new_tokens, "stream": True, "stream_options": {"include_usage": True}}).encode()
     port = free_port()
-    cmd = [sys.executable, "-m", "btp.serve.cli", args.artifact, "--port", str(port), "--threads", str(args.threads),
+    cmd = [sys.executable, "-m", "btp.cli.serve", args.artifact, "--port", str(port), "--threads", str(args.threads),
            "--batch-wait-ms", str(args.batch_wait_ms)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     try:
@@ -142,28 +125,3 @@ def bench(args) -> dict:
     ratios = {k: round(many[k] / one[k], 2) for k in ("requests_per_s", "output_tokens_per_s", "ttft_p50_ms")}
     return {"artifact": str(args.artifact), "max_new_tokens": args.max_new_tokens, "cpus": os.cpu_count(),
             "runs": runs, "ratios": ratios}
-
-
-def show(report: dict) -> None:
-    cols = ["clients", "requests", "requests_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms"]
-    print(" | ".join(cols))
-    for run in report["runs"]:
-        print(" | ".join(str(run[c]) for c in cols))
-    print("ratios N vs 1: " + ", ".join(f"{k} {v}x" for k, v in report["ratios"].items()))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-
-    def body() -> int:
-        if not Path(args.artifact, "manifest.json").is_file():
-            raise InputError(f"{args.artifact}: expected an artifact directory with a manifest.json, found none")
-        if args.clients < 1 or args.requests < 1 or args.max_new_tokens < 1:
-            raise InputError("--clients, --requests and --max-new-tokens: expected >= 1")
-        return emit(bench(args), args.json, show)
-
-    return run_main(body, args.debug, "btp-bench-serve", options=vars(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,13 +11,14 @@ import sys
 import pytest
 from serving import chat, data_url
 
-from btp.serve import bench, cli
+from btp.cli import bench_serve as bench
+from btp.cli import serve as cli
 from btp.serve.bench import free_port
 
 
 def test_sigterm_drains_the_answer_in_flight_then_exits_0(toy_artifact, scene_png):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "btp.serve.cli", str(toy_artifact), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "btp.cli.serve", str(toy_artifact), "--port", str(port),
                              "--model-name", "toy", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         info = json.loads(proc.stdout.readline())

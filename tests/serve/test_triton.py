@@ -56,7 +56,7 @@ def check_model(port: int, model: str, scene_png: bytes):
 
 def test_btp_serve_triton_serves_through_pytriton_and_stops_on_sigterm(toy_artifact, scene_png):
     port = free_port()  # HTTP; gRPC and metrics on the next two
-    proc = subprocess.Popen([sys.executable, "-m", "btp.serve.cli", str(toy_artifact), "--triton", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "btp.cli.serve", str(toy_artifact), "--triton", "--port",
                              str(port), "--model-name", "toy", "--json"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     try:

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from btp.cli import bench, bench_quality, check, demo, gpu_check, run, train_toy
+from btp.cli import bench, bench_quality, bench_serve, check, demo, gpu_check, run, train_toy
 from btp.cli import calibrate as calibrate_cli
 from btp.cli import compile as compile_cli
+from btp.cli import serve as serve_cli
 from btp.runtime.dependencies import importable
-from btp.serve import bench as bench_serve
-from btp.serve import cli as serve_cli
 
 SAMPLE = "tools/data/sample.png"
 ROOT = Path(__file__).resolve().parents[2]

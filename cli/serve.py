@@ -10,9 +10,8 @@ from pathlib import Path
 
 from btp.runtime.cli import add_common, print_json, run_main, stdout_to_stderr
 from btp.runtime.errors import InputError
-
-from .app import ServeOptions
-from .protocol import Limits
+from btp.serve.app import ServeOptions
+from btp.serve.protocol import Limits
 
 
 def parser() -> argparse.ArgumentParser:
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             options = _options(args, pipe)
         wait_us = int(options.batch_wait_ms * 1000)
         if args.export_triton:
-            from .triton import export_triton
+            from btp.serve.triton import export_triton
 
             doc = export_triton(args.artifact, args.export_triton, options.model_name, options.max_batch, wait_us,
                                 args.instances, args.threads)
@@ -103,7 +102,7 @@ def _serve_http(args, pipe, options: ServeOptions, info: dict) -> int:
 
     import uvicorn
 
-    from .app import create_app
+    from btp.serve.app import create_app
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):  # say where it listens once it does
@@ -127,7 +126,7 @@ def _serve_triton(args, pipe, options: ServeOptions, wait_us: int, info: dict) -
     import json
     import signal
 
-    from .triton import bind_pytriton, pytriton_server
+    from btp.serve.triton import bind_pytriton, pytriton_server
 
     class Stop(Exception):
         pass
