@@ -1,5 +1,6 @@
 """Model families as small adapters in a registry: each knows where a family keeps its modules and how to
-build the `graphs` modules from them. LLaVA (CLIP + projector + Llama/Mistral text model) today."""
+build the `graphs` modules from them. LLaVA (CLIP + projector + Llama/Mistral text model) and Qwen2.5-VL
+(`qwen2_5_vl.py`)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,29 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from btp.graphs import DecoderLayer, EmbedGraph, HeadGraph, RMSNorm, RotaryTable, VisionGraph
 from btp.runtime.errors import ModelError
+
+from .qwen2_5_vl import Qwen25VLFamily
 
 
 class Family(Protocol):
     """What the rest of the compiler asks of a model family."""
 
     name: str
+    model_class: type  # the Hugging Face class its checkpoints load with
 
     def accepts(self, config) -> bool: ...
 
     def check(self, model: nn.Module) -> None: ...
+
+    def load_processor(self, source: str): ...
+
+    def geometry(self, model) -> tuple[int, tuple[int, int]]: ...
+
+    def inputs(self, model): ...
 
     def vision(self, model: nn.Module, dtype: torch.dtype) -> VisionGraph: ...
 
@@ -36,6 +47,7 @@ class LlavaFamily:
     """`LlavaForConditionalGeneration`: CLIP vision tower, 2-layer projector, Llama-style text model."""
 
     name = "llava"
+    model_class = LlavaForConditionalGeneration
     text_types = ("llama", "mistral", "qwen2")
     vision_types = ("clip_vision_model",)
     unsupported_rope = ("dynamic", "longrope")
@@ -62,6 +74,18 @@ class LlavaFamily:
             raise ModelError("sliding-window attention is not supported; expected sliding_window = null")
         if vision.image_size % vision.patch_size:
             raise ModelError(f"image size {vision.image_size} is not a multiple of patch size {vision.patch_size}")
+
+    def load_processor(self, source: str):
+        return AutoProcessor.from_pretrained(source)
+
+    def geometry(self, model) -> tuple[int, tuple[int, int]]:
+        """(image side in pixels, patch grid) of a `LoadedModel`: fixed by the vision config."""
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return int(vision.image_size), (side, side)
+
+    def inputs(self, model):
+        return None  # `Pipeline.prepare` as it is
 
     @staticmethod
     def _text(model):
@@ -105,7 +129,7 @@ class LlavaFamily:
         return HeadGraph(RMSNorm(text.norm.weight, model.config.text_config.rms_norm_eps), model.lm_head, dtype)
 
 
-FAMILIES: dict[str, Family] = {"llava": LlavaFamily()}
+FAMILIES: dict[str, Family] = {"llava": LlavaFamily(), "qwen2_5_vl": Qwen25VLFamily()}
 
 
 def family_for(config, spec: str = "") -> Family:

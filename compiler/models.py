@@ -1,4 +1,4 @@
-"""`load_model`: a LLaVA-style checkpoint (local directory, hub id or builtin) -> `LoadedModel`."""
+"""`load_model`: a LLaVA-style or Qwen2.5-VL checkpoint (local directory, hub id or builtin) -> `LoadedModel`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, PreTrainedModel
 
 from btp.runtime.errors import ModelError
 from btp.toy.builtins import BUILTINS, build_builtin
+from btp.toy.qwen import QWEN_BUILTINS, build_qwen_builtin
 
 from .families import Family, family_for
 
@@ -48,7 +49,7 @@ class LoadedModel:
     """A loaded checkpoint: the Hugging Face model and processor, its family adapter and a summary."""
 
     name: str
-    hf: LlavaForConditionalGeneration
+    hf: PreTrainedModel  # the family's `model_class`
     processor: object
     family: Family
     dtype: torch.dtype
@@ -75,12 +76,12 @@ class LoadedModel:
 
     @property
     def image_size(self) -> int:
-        return int(self.config.vision_config.image_size)
+        return self.family.geometry(self)[0]
 
     @property
     def grid(self) -> tuple[int, int]:
-        side = self.image_size // int(self.config.vision_config.patch_size)
-        return (side, side)
+        """The image-token grid (a family whose count follows the image gives its largest square one)."""
+        return self.family.geometry(self)[1]
 
     @property
     def image_tokens(self) -> int:
@@ -126,10 +127,10 @@ def load_model(spec: str, dtype: str | torch.dtype = torch.float32) -> LoadedMod
     torch_dtype = _resolve_dtype(dtype)
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]
-        if name not in BUILTINS:
+        if name not in BUILTINS and name not in QWEN_BUILTINS:
             raise ModelError(f"unknown builtin model {spec!r}; expected one of: "
-                             + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS))
-        model, processor = build_builtin(name)
+                             + ", ".join(BUILTIN_PREFIX + n for n in (*BUILTINS, *QWEN_BUILTINS)))
+        model, processor = build_builtin(name) if name in BUILTINS else build_qwen_builtin(name)
         family = family_for(model.config, spec)
     else:
         path = Path(spec).expanduser()
@@ -144,8 +145,8 @@ def load_model(spec: str, dtype: str | torch.dtype = torch.float32) -> LoadedMod
             raise ModelError(f"cannot read a model config from {spec!r}: {str(err).splitlines()[0]}") from err
         family = family_for(config, spec)
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
-            processor = AutoProcessor.from_pretrained(source)
+            model = family.model_class.from_pretrained(source, dtype=torch_dtype)
+            processor = family.load_processor(source)
         except (OSError, ValueError) as err:
             raise ModelError(f"cannot load {spec!r}: {str(err).splitlines()[0]}") from err
     model = model.to(torch_dtype).eval()

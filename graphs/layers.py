@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .spec import BATCH, SEQ
+
 # Finite large negative for masked logits: TensorRT and fp16 never see -inf (ARCHITECTURE section 3).
 MASK_VALUE = -1.0e9
 
@@ -31,6 +33,8 @@ class RMSNorm(nn.Module):
 class RotaryTable(nn.Module):
     """Precomputed fp32 cos/sin tables `[max_positions, Dh]`, indexed by position ids (never rebuilt)."""
 
+    position_dims: tuple = (BATCH, SEQ)  # the stage graphs' `position_ids` shape
+
     def __init__(self, inv_freq: torch.Tensor, max_positions: int, scaling: float = 1.0):
         super().__init__()
         positions = torch.arange(max_positions, dtype=torch.float32)
@@ -42,6 +46,27 @@ class RotaryTable(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """`position_ids [B,T]` int64 -> cos, sin `[B,1,T,Dh]` in `dtype` (broadcast over heads)."""
         return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
+
+
+class MRotaryTable(RotaryTable):
+    """M-RoPE (Qwen2-VL): the same tables indexed by three position rows (temporal, height, width); frequency
+    channel `d` takes its angle from row `rows[d]`, the `mrope_section` chunks cycling t, h, w (both halves)."""
+
+    position_dims = (3, BATCH, SEQ)
+
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int, mrope_section, scaling: float = 1.0):
+        super().__init__(inv_freq, max_positions, scaling)
+        half = [i % 3 for i, width in enumerate(mrope_section) for _ in range(width)]  # [Dh/2]
+        if len(half) != inv_freq.numel():
+            raise ValueError(f"mrope_section {list(mrope_section)} sums to {len(half)}, expected {inv_freq.numel()}")
+        self.register_buffer("rows", torch.tensor(half + half)[None, None, None, :], persistent=False)  # [1,1,1,Dh]
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`position_ids [3,B,T]` int64 -> cos, sin `[B,1,T,Dh]` in `dtype`."""
+        rows = self.rows.expand(1, position_ids.shape[1], position_ids.shape[2], -1)  # [1,B,T,Dh]
+        cos = self.cos[position_ids].gather(0, rows)  # [3,B,T,Dh] -> [1,B,T,Dh]
+        sin = self.sin[position_ids].gather(0, rows)
+        return cos.transpose(0, 1).to(dtype), sin.transpose(0, 1).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ SEQ = "seq"
 PAST = "past"
 TOTAL = "past + seq"
 IMAGES = "image_tokens"
+PATCHES = "image_patches"  # vision patches of one image before the spatial merge (Qwen2.5-VL): units * image_tokens
 
 
 Range = tuple[int, int, int]  # min, opt, max
@@ -82,6 +83,18 @@ def embed_phases(image_tokens: int) -> PhaseRule:
         return (Phase("prefill", {BATCH: batch, SEQ: (1, b.max_prompt // 2, b.max_prompt),
                                   IMAGES: (image_tokens, image_tokens, image_tokens)}),
                 Phase("decode", {BATCH: batch, SEQ: (1, 1, 1), IMAGES: (0, 0, 0)}))
+
+    return rule
+
+
+def patch_phases(min_tokens: int, max_tokens: int, unit: int) -> PhaseRule:
+    """A vision graph over flattened patches (Qwen2.5-VL): images of `min_tokens..max_tokens` image tokens,
+    `unit` patches merged into each."""
+
+    def rule(b: BoundsLike) -> tuple[Phase, ...]:
+        tokens = (min_tokens, max(min_tokens, max_tokens // 2), max_tokens)
+        patches = tuple(unit * t for t in tokens)
+        return (Phase("prefill", {BATCH: (1, 1, b.max_batch), IMAGES: tokens, PATCHES: patches}),)
 
     return rule
 

@@ -12,7 +12,8 @@ from .spec import BATCH, PAST, SEQ, TOTAL, GraphSpec, TensorSpec, past_name, pre
 class StageGraph(nn.Module):
     """Layers `[first, first + len(layers))` of the text model, one graph for prefill and decode.
 
-    Inputs: `inputs_embeds [B,T,D]`, `position_ids [B,T]` int64, `attention_mask [B,P+T]` int64, then
+    Inputs: `inputs_embeds [B,T,D]`, `position_ids [B,T]` int64 (`[3,B,T]` with an M-RoPE table),
+    `attention_mask [B,P+T]` int64, then
     `past_key_values.{i}.key/value [B,Hkv,P,Dh]` for each layer `i`. Outputs: `hidden_states [B,T,D]`,
     `present.{i}.key/value [B,Hkv,P+T,Dh]` (a `final` stage, the model's last, outputs `hidden_states [B,1,D]`,
     the row the head reads), and (when `score_mode` is set) `scores [B,P+T]` fp32: the
@@ -57,7 +58,7 @@ class StageGraph(nn.Module):
         present = (BATCH, self.num_kv_heads, TOTAL, self.head_dim)
         inputs = [
             TensorSpec("inputs_embeds", self.dtype, (BATCH, SEQ, self.hidden_size)),
-            TensorSpec("position_ids", torch.int64, (BATCH, SEQ)),
+            TensorSpec("position_ids", torch.int64, self.rotary.position_dims),  # [B,T], or [3,B,T] for M-RoPE
             TensorSpec("attention_mask", torch.int64, (BATCH, TOTAL)),
         ]
         # The model's last stage hands only the last row to the head: its last layer computes nothing else.

@@ -7,6 +7,9 @@ from __future__ import annotations
 VISION, EMBED, HEAD = "vision", "embed", "head"
 
 PIXEL_VALUES = "pixel_values"  # vision in
+# Qwen2.5-VL's vision graph also takes, per image size (host-computed from the grid, as Hugging Face does):
+VISION_POSITION_IDS, WINDOW_IDS = "vision_position_ids", "window_ids"
+WINDOW_INDEX, WINDOW_INVERSE = "window_index", "window_inverse"
 IMAGE_FEATURES = "image_features"  # vision out, embed in
 INPUT_IDS = "input_ids"  # embed in
 INPUTS_EMBEDS = "inputs_embeds"  # embed out, stage in
@@ -24,9 +27,9 @@ LOGITS = "logits"
 PAST, PRESENT = "past_key_values.", "present."  # + "{layer}.{key|value}", layer global
 KV_KINDS = ("key", "value")
 
-ALL = frozenset({PIXEL_VALUES, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, POSITION_IDS, ATTENTION_MASK, HIDDEN_STATES,
-                 SCORES, IMAGE_START, PRUNED_HIDDEN_STATES, PRUNED_POSITION_IDS, PRUNED_ATTENTION_MASK, KEEP_INDICES,
-                 LOGITS})
+ALL = frozenset({PIXEL_VALUES, VISION_POSITION_IDS, WINDOW_INDEX, WINDOW_INVERSE, WINDOW_IDS, IMAGE_FEATURES, INPUT_IDS,
+                 INPUTS_EMBEDS, POSITION_IDS, ATTENTION_MASK, HIDDEN_STATES, SCORES, IMAGE_START, PRUNED_HIDDEN_STATES,
+                 PRUNED_POSITION_IDS, PRUNED_ATTENTION_MASK, KEEP_INDICES, LOGITS})
 
 
 def past(layer: int, kind: str) -> str:

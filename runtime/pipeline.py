@@ -66,8 +66,10 @@ class Inputs:
 
     input_ids: torch.Tensor  # [B,T] int64, left padded
     attention_mask: torch.Tensor  # [B,T] int64
-    pixel_values: torch.Tensor  # [B,3,H,W]
+    pixel_values: torch.Tensor  # [B,3,H,W] (a family's own layout where its vision graph says so)
     image_start: torch.Tensor  # [B] int64
+    position_ids: torch.Tensor | None = None  # [3,B,T] int64 for M-RoPE; None: [B,T] counted from the mask
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)  # the vision graph's other feeds, by name
 
 
 # Called after every graph runs with its name, feeds and outputs (name-keyed tensors): how checks and calibration
@@ -192,6 +194,19 @@ class Pipeline:
 
     def prepare(self, images: Sequence, prompts: Sequence[str]) -> Inputs:
         """Tokenize and preprocess one image per prompt; raise `InputError` on what the model cannot take."""
+        enc = self.encode(images, prompts)
+        ids, mask = enc["input_ids"].to(torch.int64), enc["attention_mask"].to(torch.int64)
+        start = self.image_span(ids, self.spec.image_tokens)
+        pixels = enc["pixel_values"]
+        want = (ids.shape[0], 3, self.spec.image_size, self.spec.image_size)
+        if tuple(pixels.shape) != want:
+            raise InputError(f"expected pixel_values of shape {want}, got {tuple(pixels.shape)}")
+        dev = self.device
+        return Inputs(ids.to(dev), mask.to(dev), pixels.to(dev, self.spec.torch_dtype), start.to(dev))
+
+    def encode(self, images: Sequence, prompts: Sequence[str]):
+        """The processor's output (`input_ids`, `attention_mask` `[B,T]`, the image tensors) for one image per
+        prompt, after the checks that need no knowledge of the model family; `InputError` otherwise."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(images, (list, tuple)):
@@ -224,9 +239,7 @@ class Pipeline:
         except Exception as err:  # the processor is third-party code: any failure here is about the input
             first = (str(err).strip().splitlines() or [""])[0][:200]
             raise InputError(f"cannot preprocess the images: {type(err).__name__}: {first}") from err
-        ids = enc["input_ids"].to(torch.int64)
-        mask = enc["attention_mask"].to(torch.int64)
-        spec = self.spec
+        ids, mask, spec = enc["input_ids"], enc["attention_mask"], self.spec
         if spec.max_batch is not None and ids.shape[0] > spec.max_batch:
             raise InputError(f"batch of {ids.shape[0]} prompts exceeds the artifact's max batch {spec.max_batch}")
         if spec.max_prompt is not None and ids.shape[1] > spec.max_prompt:
@@ -234,9 +247,13 @@ class Pipeline:
                              f"at most {spec.max_prompt} (btp-compile --max-prompt)")
         if ids.shape[0] > 1 and bool((mask[:, -1] == 0).any()):
             raise InputError("the tokenizer pads on the right; the pipeline needs left padding")
+        return enc
+
+    def image_span(self, ids: torch.Tensor, n0: int) -> torch.Tensor:
+        """`image_start [B]` of the one contiguous span of `n0` image tokens in each row of `ids [B,T]`, followed
+        by text; `InputError` otherwise."""
         is_image = ids == self.spec.image_token_id
         counts = is_image.sum(1)
-        n0 = self.spec.image_tokens
         if bool((counts != n0).any()):
             raise InputError(f"expected {n0} image tokens per prompt, found {counts.tolist()}")
         start = torch.argmax(is_image.to(torch.int64), dim=1)
@@ -246,12 +263,7 @@ class Pipeline:
         if bool((start + n0 >= ids.shape[1]).any()):
             # The last prompt token ranks the image tokens and yields the first answer token: it must be text.
             raise InputError("expected text after the image placeholder, found the prompt ending with the image")
-        pixels = enc["pixel_values"]
-        want = (len(texts), 3, self.spec.image_size, self.spec.image_size)
-        if tuple(pixels.shape) != want:
-            raise InputError(f"expected pixel_values of shape {want}, got {tuple(pixels.shape)}")
-        dev = self.device
-        return Inputs(ids.to(dev), mask.to(dev), pixels.to(dev, self.spec.torch_dtype), start.to(dev))
+        return start
 
     # ----------------------------------------------------------------------------------------- running
     def _run(self, name: str, feeds: dict[str, torch.Tensor], call: _Call) -> dict:
@@ -275,11 +287,11 @@ class Pipeline:
     def _prefill(self, inp: Inputs, max_new: int, call: _Call):
         """Run the prefill chain -> (logits [B,V], per-stage states, kept grid indices per prune)."""
         spec, b = self.spec, inp.input_ids.shape[0]
-        feats = self._run(n.VISION, {n.PIXEL_VALUES: inp.pixel_values}, call)[n.IMAGE_FEATURES]
+        feats = self._run(n.VISION, {n.PIXEL_VALUES: inp.pixel_values, **inp.vision}, call)[n.IMAGE_FEATURES]
         h = self._run(n.EMBED, {n.INPUT_IDS: inp.input_ids, n.IMAGE_FEATURES: feats}, call)[n.INPUTS_EMBEDS]
         mask = inp.attention_mask
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)  # pads get 0, as Hugging Face does
-        last_position = pos[:, -1]  # decode continues from the unpruned length
+        pos = (mask.cumsum(-1) - 1).clamp_min(0) if inp.position_ids is None else inp.position_ids  # pads get 0
+        last_position = pos[..., -1]  # [B] or [3,B]: decode continues from the unpruned prompt's last position
         grid = torch.arange(spec.image_tokens, device=self.device)[None].expand(b, -1)  # [B,N] grid ids
         kept, states, scores = [], [], None
         for layout in spec.stages:
@@ -310,9 +322,9 @@ class Pipeline:
 
     def _decode_step(self, token: torch.Tensor, position: torch.Tensor, states: list[_StageState],
                      no_image: torch.Tensor, call: _Call) -> torch.Tensor:
-        """One token for every row: `token [B]`, `position [B]` -> logits `[B,V]`; caches grow by one."""
+        """One token for every row: `token [B]`, `position [B]` or `[3,B]` -> logits `[B,V]`; caches grow by one."""
         h = self._run(n.EMBED, {n.INPUT_IDS: token[:, None], n.IMAGE_FEATURES: no_image}, call)[n.INPUTS_EMBEDS]
-        pos = position[:, None]
+        pos = position[..., None]
         for st in states:
             st.length += 1
             feeds = {n.INPUTS_EMBEDS: h, n.POSITION_IDS: pos, n.ATTENTION_MASK: st.mask[:, : st.length], **st.cache}
@@ -370,7 +382,7 @@ class Pipeline:
                 break
             if compact and bool(done.any()):
                 live = (~done).nonzero()[:, 0]
-                token, position, rows, done = token[live], position[live], rows[live], done[live]
+                token, position, rows, done = token[live], position[..., live], rows[live], done[live]
                 no_image = no_image[live]
                 for st in states:
                     st.mask, st.cache = st.mask[live], {k: v[live] for k, v in st.cache.items()}
@@ -380,19 +392,9 @@ class Pipeline:
         elapsed = time.perf_counter() - t_decode
         times["decode_tokens_per_s"] = steps * b / elapsed if steps and elapsed > 0 else 0.0
 
-    def generate(
-        self,
-        images: Sequence,
-        prompts: Sequence[str],
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        output_logits: bool = False,
-        min_new_tokens: int = 0,
-        on_graph: GraphObserver | None = None,
-    ) -> GenerateOutput:
+    def generate(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, output_logits: bool = False,
+                 min_new_tokens: int = 0, on_graph: GraphObserver | None = None) -> GenerateOutput:
         """Answer one prompt per image. Greedy by default; `do_sample` draws with `temperature`/`top_p`
         from a generator seeded with `seed`. Rows stop at EOS (the EOS id is kept in `token_ids`), but not
         before `min_new_tokens` tokens (EOS is masked until then, as in Hugging Face's `generate`).
@@ -416,14 +418,8 @@ class Pipeline:
         tok = self.processor.tokenizer
         prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(inp.input_ids, inp.attention_mask)]
         kept_rows = [[k[r].tolist() for k in kept] for r in range(b)]
-        return GenerateOutput(
-            texts=[tok.decode(r, skip_special_tokens=True) for r in rows],
-            token_ids=rows,
-            prompt_ids=prompt_ids,
-            kept_indices=kept_rows,
-            timings=dict(times),
-            logits=logits,
-        )
+        return GenerateOutput(texts=[tok.decode(r, skip_special_tokens=True) for r in rows], token_ids=rows,
+                              prompt_ids=prompt_ids, kept_indices=kept_rows, timings=dict(times), logits=logits)
 
     def stream(self, image, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
                temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,

@@ -61,3 +61,9 @@ def _assert_concurrent_calls_match_sequential(pipe, images):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(worker, range(4)))
     assert all(r == expected for r in results)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen():
+    """builtin:tiny-qwen2.5-vl in fp32 (shared; tests must not modify it)."""
+    return load_model("builtin:tiny-qwen2.5-vl")

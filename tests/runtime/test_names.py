@@ -7,10 +7,10 @@ from btp.compiler.presets import resolve_plan
 from btp.runtime import names
 
 
-def test_every_graph_io_name_is_a_runtime_constant_and_every_constant_is_used(tiny):
+def test_every_graph_io_name_is_a_runtime_constant_and_every_constant_is_used(tiny, tiny_qwen):
     used = set()
-    for preset in ("btp", "fastv", "divprune"):
-        graphs, chain = build_graphs(tiny, resolve_plan(preset, tiny), 512)
+    for model, preset in ((tiny, "btp"), (tiny, "fastv"), (tiny, "divprune"), (tiny_qwen, "none")):
+        graphs, chain = build_graphs(model, resolve_plan(preset, model), 512)
         assert {names.VISION, names.EMBED, names.HEAD} <= set(graphs)
         for module in graphs.values():
             spec = module.spec()
