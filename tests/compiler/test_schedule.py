@@ -11,6 +11,8 @@ from btp.compiler.cost import decoder_flops
 from btp.compiler.plan import FORMAT, ModelInfo, Plan, Stage
 from btp.compiler.schedule import (
     boundaries_from_drift,
+    fit_keeps,
+    focus_layer,
     interpolate_profile,
     major_shifts,
     stage_keeps,
@@ -286,3 +288,24 @@ def test_paper_profile_end_to_end():
     p = plan(LLAVA7B, stage_recipes(keeps, layers, 576, square=True))
     assert abs(p.average_image_tokens() - 150) <= 10 / 32 / 2 + 1e-9  # within half a keep step
     assert p.stages[-1].keep == 48 and p.stages[-1].lambda_ == 1.0 and p.stages[-1].attention == 48
+
+
+def test_focus_layer_and_diversity_before_it():
+    """toy-vlm's concentration profile (top-10 share of the image attention per layer): level halfway between
+    uniform (10/81) and the peak 0.75 is 0.437; layer 0 is above it but layers 1-2 are not, so the attention stays
+    concentrated from layer 3 on, and a stage ranks by it from layer 4."""
+    assert focus_layer([0.50, 0.29, 0.35, 0.62, 0.75, 0.70], 10 / 81) == 3
+    assert focus_layer([0.1, 0.1, 0.1, 0.9], 0.1) == 3 and focus_layer([0.3] * 4, 0.1) == 0
+    assert focus_layer([], 0.1) == 0
+    dicts = stage_recipes([40, 20, 10], [1, 3, 4], 81, square=True, attention_from=4)
+    assert [(d["spatial"], d["attention"]) for d in dicts] == [(20, 0), (0, 0), (0, 10)]
+
+
+def test_fit_keeps_solves_every_keep_jointly():
+    mean = lambda per_layer: sum(per_layer) / 6  # noqa: E731
+    assert fit_keeps(81, [0, 4], [20, 13], 6, mean, 17.82) == [20, 13]  # 17.67; one keep more gives 18.0
+    assert fit_keeps(81, [0, 4], [20, 13], 6, mean, 8.91) == [10, 7]  # 9.0: the nearest the weights allow
+    assert fit_keeps(81, [0, 4], [20, 13], 6, mean, 3.0, floor=5) == [6, 5]  # the floor binds: nearest is 5.67
+    assert fit_keeps(81, [1, 2, 3, 4], [16, 8, 3, 0], 6, mean, 18.0) == [16, 8, 3, 0]  # a weight 0 keeps 0
+    with pytest.raises(ValueError, match="no strictly decreasing keeps"):
+        fit_keeps(3, [1, 2, 3], [3, 2, 1], 4, mean, 1.0, floor=2)
