@@ -175,7 +175,9 @@ class _RandomSelection:
         draw = torch.rand(hidden.shape[0], alive, generator=self.generator)  # [B,N]
         kept = draw.topk(keep, dim=1).indices.sort(dim=1).values  # [B,keep]
         index = sequence_index(feeds["image_start"], kept, hidden.shape[1], alive)  # [B,T']
-        rows = [gather_rows(feeds[n], index) for n in ("hidden_states", "position_ids", "attention_mask")]
+        pos = feeds["position_ids"]  # [B,T], or [3,B,T] (M-RoPE: every row gathered)
+        pos = gather_rows(pos, index) if pos.dim() == 2 else pos.gather(2, index[None].expand(pos.shape[0], -1, -1))
+        rows = (gather_rows(feeds["hidden_states"], index), pos, gather_rows(feeds["attention_mask"], index))
         return dict(zip(self.output_names, (*rows, kept)))
 
 
