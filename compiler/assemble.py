@@ -58,7 +58,8 @@ def build_graphs(model, plan: Plan, max_positions: int | None = None,
         wants_scores = nxt is not None and nxt.prune is not None and recipe_of[nxt.prune].attention > 0
         score_mode = "probs" if per_layer else (plan.score if wants_scores else None)
         if st.prune:
-            graphs[st.prune] = PruneGraph(st.prune, recipe_of[st.prune], t.hidden_size, dtype, image_tokens=n0)
+            graphs[st.prune] = PruneGraph(st.prune, recipe_of[st.prune], t.hidden_size, dtype, image_tokens=n0,
+                                          position_rows=len(rotary.position_dims) - 2)
         graphs[st.name] = StageGraph(
             st.name, [layers[i] for i in st.layers], st.layers[0], rotary, t.num_key_value_heads, head_dim,
             t.hidden_size, dtype, score_mode=score_mode, final=nxt is None and not per_layer,

@@ -34,16 +34,18 @@ def sequence_index(image_start: torch.Tensor, keep: torch.Tensor, seq: int, aliv
 class PruneGraph(nn.Module):
     """Select `keep` of the `alive` image tokens of each row and gather the sequence to `T - alive + keep`.
 
-    Inputs: `hidden_states [B,T,D]`, `position_ids [B,T]` int64, `attention_mask [B,T]` int64,
+    Inputs: `hidden_states [B,T,D]`, `position_ids [B,T]` int64 (`[3,B,T]` M-RoPE), `attention_mask [B,T]` int64,
     `scores [B,T]` fp32 (only when the recipe has attention picks), `image_start [B]` int64.
     Outputs: `pruned_hidden_states`, `pruned_position_ids`, `pruned_attention_mask`, the first three inputs
     gathered to `[B, T - alive + keep, ...]`, and `keep_indices [B,keep]` int64
     (ascending positions inside the current image span). Position ids are gathered, never renumbered.
     """
 
-    def __init__(self, name: str, recipe: Recipe, hidden_size: int, dtype: torch.dtype, image_tokens: int = 0):
+    def __init__(self, name: str, recipe: Recipe, hidden_size: int, dtype: torch.dtype, image_tokens: int = 0,
+                 position_rows: int = 0):
         super().__init__()
         self.name, self.recipe, self.hidden_size, self.dtype = name, recipe, hidden_size, dtype
+        self.position_rows = position_rows  # 0: `position_ids [B,T]`; 3: M-RoPE `[3,B,T]`, every row gathered
         self.image_tokens = image_tokens or recipe.alive  # N0 of the model: with alive, the longest sequence
 
     @property
@@ -53,9 +55,10 @@ class PruneGraph(nn.Module):
     def spec(self) -> GraphSpec:
         r = self.recipe
         out_seq = f"{SEQ} - {r.alive - r.keep}" if r.alive != r.keep else SEQ
+        rows = (self.position_rows,) if self.position_rows else ()
         inputs = [
             TensorSpec("hidden_states", self.dtype, (BATCH, SEQ, self.hidden_size)),
-            TensorSpec("position_ids", torch.int64, (BATCH, SEQ)),
+            TensorSpec("position_ids", torch.int64, (*rows, BATCH, SEQ)),
             TensorSpec("attention_mask", torch.int64, (BATCH, SEQ)),
         ]
         if self.uses_scores:
@@ -64,7 +67,7 @@ class PruneGraph(nn.Module):
         # ONNX names are single-assignment: the gathered tensors cannot reuse their inputs' names.
         outputs = (
             TensorSpec("pruned_hidden_states", self.dtype, (BATCH, out_seq, self.hidden_size)),
-            TensorSpec("pruned_position_ids", torch.int64, (BATCH, out_seq)),
+            TensorSpec("pruned_position_ids", torch.int64, (*rows, BATCH, out_seq)),
             TensorSpec("pruned_attention_mask", torch.int64, (BATCH, out_seq)),
             TensorSpec("keep_indices", torch.int64, (BATCH, r.keep)),
         )
@@ -82,7 +85,8 @@ class PruneGraph(nn.Module):
         index = sequence_index(image_start, keep, t, alive)  # [B,T']
         return (
             gather_rows(hidden_states, index),
-            gather_rows(position_ids, index),
+            gather_rows(position_ids, index) if position_ids.dim() == 2
+            else position_ids.gather(2, index[None].expand(position_ids.shape[0], -1, -1)),  # [3,B,T'] M-RoPE
             gather_rows(attention_mask, index),
             keep,
         )
