@@ -9,6 +9,7 @@ start.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -57,8 +58,42 @@ class Reference:
     hidden: torch.Tensor
 
 
-def _run_outputs(model, plan: Plan, samples: Sequence[Sample], batch_size: int) -> Reference:
+class _Memo:
+    """An engine that answers from `store` what a graph of the same kind computed before on the same feeds: the
+    vision graph and the unpruned first stage (layers from 0, every image token), which every candidate plan with
+    the same first cut shares, so that candidate evaluations skip them."""
+
+    def __init__(self, engine, kind: tuple, store: dict):
+        self.engine, self.kind, self.store = engine, kind, store
+        self.name, self.input_names, self.output_names = engine.name, engine.input_names, engine.output_names
+
+    def run(self, feeds: dict) -> dict:
+        digest = hashlib.sha1()
+        for n in self.input_names:
+            t = feeds[n].detach().contiguous().cpu()
+            digest.update(f"{n}{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        key = (*self.kind, digest.hexdigest())
+        if key not in self.store:
+            self.store[key] = self.engine.run(feeds)
+        return dict(self.store[key])
+
+
+def _memoise(pipe, store: dict) -> None:
+    """Wrap `pipe`'s shared graphs (vision, the unpruned first stage) in `_Memo`s over `store`."""
+    pipe.engines[names.VISION] = _Memo(pipe.engines[names.VISION], (names.VISION,), store)
+    first = pipe.spec.stages[0]
+    if first.prune is None and first.image_tokens == pipe.spec.image_tokens:
+        module = pipe.engines[first.name].module
+        kind = ("stage", first.layers, module.score_mode, module.final)
+        pipe.engines[first.name] = _Memo(pipe.engines[first.name], kind, store)
+
+
+def _run_outputs(model, plan: Plan, samples: Sequence[Sample], batch_size: int,
+                 memo: dict | None = None) -> Reference:
     pipe = reference_pipeline(model, plan)
+    if memo is not None:
+        _memoise(pipe, memo)
     captured: list[torch.Tensor] = []
 
     def observe(name, feeds, _outputs):
@@ -73,10 +108,12 @@ def reference_outputs(model, samples: Sequence[Sample], batch_size: int = 8) -> 
     return _run_outputs(model, resolve_plan("none", model), samples, batch_size)
 
 
-def distortion(model, plan: Plan, samples: Sequence[Sample], ref: Reference, batch_size: int = 8) -> dict:
+def distortion(model, plan: Plan, samples: Sequence[Sample], ref: Reference, batch_size: int = 8,
+               memo: dict | None = None) -> dict:
     """Mean KL(unpruned || pruned) of the next-token distribution and mean cosine of the last-layer hidden
-    state of the last prompt token, over `samples`."""
-    out = _run_outputs(model, plan, samples, batch_size)
+    state of the last prompt token, over `samples`. `memo` (a dict kept across calls on the same samples) holds
+    the outputs of the graphs plans share, the vision graph and an unpruned first stage, computed once."""
+    out = _run_outputs(model, plan, samples, batch_size, memo)
     p = torch.log_softmax(ref.logits, -1)
     q = torch.log_softmax(out.logits, -1)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
@@ -171,11 +208,12 @@ def search(model, starts: dict[str, Plan], budget: Budget, samples: Sequence[Sam
     history: list[float] = []
     best: dict = {"score": math.inf}
     total = max(budget_evals, len(starts))
+    memo: dict = {}  # the shared prefix of every candidate's chain, per batch
 
     def evaluate(plan: Plan, name: str) -> float:
         key = plan.stages
         if key not in seen:
-            d = distortion(model, plan, samples, ref, batch_size)
+            d = distortion(model, plan, samples, ref, batch_size, memo)
             seen[key], results[key] = score(d), (plan, d)
             history.append(seen[key])
             if seen[key] < best["score"] - 1e-9:

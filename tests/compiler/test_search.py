@@ -11,7 +11,7 @@ from btp.compiler import Plan
 from btp.compiler.calibrate import collect_profile, distortion, reference_outputs, score
 from btp.compiler.calibration_data import builtin_samples
 from btp.compiler.plan import ModelInfo
-from btp.compiler.presets import at_budget, model_info
+from btp.compiler.presets import at_budget, model_info, resolve_plan
 from btp.compiler.search import neighbours, profile_start, search
 from btp.compiler.space import Budget, StageSpec, Target, budget_for, presets_at, realise, specs_of
 from btp.runtime.errors import PlanError
@@ -93,3 +93,15 @@ def test_search_meets_the_budget_and_beats_every_preset(tiny, calibration, share
     assert result.evaluations <= len(starts) + 3
     for name, plan in presets.items():
         assert score(result.distortion) <= score(distortion(tiny, plan, samples, ref, 4)) + 1e-9, name
+
+
+def test_candidates_share_the_unpruned_prefix(tiny, calibration):
+    """With a memo, the vision graph and an unpruned first stage run once per batch across plans, and every plan's
+    distortion is exactly what it is without one (btp and fastv both cut first at layer 1 on 8 layers)."""
+    samples, ref, _, _ = calibration
+    plans = [resolve_plan(name, tiny) for name in ("btp", "fastv", "divprune")]
+    memo: dict = {}
+    shared = [distortion(tiny, p, samples, ref, 2, memo) for p in plans]
+    assert shared == [distortion(tiny, p, samples, ref, 2) for p in plans]
+    batches = len(samples) // 2
+    assert len(memo) == 2 * batches  # vision per batch, and layer 0 once for btp and fastv together
