@@ -90,12 +90,17 @@ def test_readers_never_see_a_mix_while_builds_switch_the_artifact(artifact, tmp_
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         lines = [reader.stdout.readline()]
+        tick = time.perf_counter()
+        lines.append(reader.stdout.readline())
+        pace = time.perf_counter() - tick  # one load and answer on this machine now (about 0.1 s when it is idle)
         for i in range(24):  # what btp-compile --force does at its end, many times while the reader loads
             tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
             shutil.copytree([b, a][i % 2], tmp, dirs_exist_ok=True)
             with build_lock(out):
                 publish(tmp, out)
-            time.sleep(0.2 + 0.05 * (i % 3))  # a load takes about 0.1 s: a retried load does not meet the next
+            # Switches land while loads run, yet far enough apart that a retried load does not meet the next
+            # (a busy machine slows the loads: the pace follows it).
+            time.sleep(max(0.2, 2 * pace) + 0.05 * (i % 3))
         # ... and one real `btp-compile --force` (plan fastv) while the reader keeps loading.
         build = subprocess.run(_compile(out, "fastv"), capture_output=True, text=True, timeout=600)
         assert build.returncode == 0, build.stderr
