@@ -31,6 +31,16 @@ def sequence_index(image_start: torch.Tensor, keep: torch.Tensor, seq: int, aliv
     return torch.where(rel < 0, out, torch.where(rel < k, inside, after))
 
 
+def keep_rows(hidden_states, position_ids, attention_mask, image_start, keep: torch.Tensor, alive: int):
+    """The prune's outputs for kept image tokens `keep [B,k]` of the `alive`-token span at `image_start [B]`:
+    `hidden_states [B,T,D]`, `position_ids` (`[B,T]`, or `[3,B,T]` for M-RoPE: every row gathered) and
+    `attention_mask [B,T]` gathered to `[prefix | kept | text]`, `T' = T - alive + k` rows."""
+    index = sequence_index(image_start, keep, hidden_states.shape[1], alive)  # [B,T']
+    pos = gather_rows(position_ids, index) if position_ids.dim() == 2 else \
+        position_ids.gather(2, index[None].expand(position_ids.shape[0], -1, -1))
+    return gather_rows(hidden_states, index), pos, gather_rows(attention_mask, index)
+
+
 class PruneGraph(nn.Module):
     """Select `keep` of the `alive` image tokens of each row and gather the sequence to `T - alive + keep`.
 
@@ -77,16 +87,8 @@ class PruneGraph(nn.Module):
         """See the class docstring; `rest` is `(scores, image_start)` or `(image_start,)`."""
         scores, image_start = rest if self.uses_scores else (None, rest[0])
         alive = self.recipe.alive
-        t = hidden_states.shape[1]
         span = image_start[:, None] + torch.arange(alive, device=hidden_states.device)[None, :]  # [B,N]
         image_hidden = gather_rows(hidden_states, span)  # [B,N,D]
         image_scores = gather_rows(scores, span) if scores is not None else None  # [B,N]
         keep = select(image_hidden, image_scores, self.recipe)  # [B,k]
-        index = sequence_index(image_start, keep, t, alive)  # [B,T']
-        return (
-            gather_rows(hidden_states, index),
-            gather_rows(position_ids, index) if position_ids.dim() == 2
-            else position_ids.gather(2, index[None].expand(position_ids.shape[0], -1, -1)),  # [3,B,T'] M-RoPE
-            gather_rows(attention_mask, index),
-            keep,
-        )
+        return (*keep_rows(hidden_states, position_ids, attention_mask, image_start, keep, alive), keep)

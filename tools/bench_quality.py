@@ -168,16 +168,13 @@ class _RandomSelection:
     def run(self, feeds: dict) -> dict:
         import torch
 
-        from btp.graphs.prune import gather_rows, sequence_index
+        from btp.graphs.prune import keep_rows
 
         hidden = feeds["hidden_states"]  # [B,T,D]
         alive, keep = self.recipe.alive, self.recipe.keep
         draw = torch.rand(hidden.shape[0], alive, generator=self.generator)  # [B,N]
         kept = draw.topk(keep, dim=1).indices.sort(dim=1).values  # [B,keep]
-        index = sequence_index(feeds["image_start"], kept, hidden.shape[1], alive)  # [B,T']
-        pos = feeds["position_ids"]  # [B,T], or [3,B,T] (M-RoPE: every row gathered)
-        pos = gather_rows(pos, index) if pos.dim() == 2 else pos.gather(2, index[None].expand(pos.shape[0], -1, -1))
-        rows = (gather_rows(feeds["hidden_states"], index), pos, gather_rows(feeds["attention_mask"], index))
+        rows = keep_rows(hidden, feeds["position_ids"], feeds["attention_mask"], feeds["image_start"], kept, alive)
         return dict(zip(self.output_names, (*rows, kept)))
 
 
