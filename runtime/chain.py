@@ -28,6 +28,10 @@ class Bounds:
     max_batch: int = 4
     max_prompt: int = 1024  # tokens, image tokens included
     max_new_tokens: int = 256
+    # Image tokens per image for families whose count follows the image's size (Qwen2.5-VL); 0: the model's fixed
+    # count (LLaVA). The processor resizes every image into this range.
+    min_image_tokens: int = 0
+    max_image_tokens: int = 0
 
     @property
     def max_positions(self) -> int:

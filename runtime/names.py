@@ -18,6 +18,9 @@ ATTENTION_MASK = "attention_mask"
 HIDDEN_STATES = "hidden_states"  # stage out, prune and head in
 SCORES = "scores"  # a stage's ranking of the tokens, for the prune after it
 IMAGE_START = "image_start"
+# Prune graphs of plans whose keeps are shares of the image tokens take `image_span [image_tokens]` int64
+# (arange(N0) of the batch's image): only its length is read, and every count of the prune follows from it.
+IMAGE_SPAN = "image_span"
 PRUNED_HIDDEN_STATES = "pruned_hidden_states"
 PRUNED_POSITION_IDS = "pruned_position_ids"
 PRUNED_ATTENTION_MASK = "pruned_attention_mask"
@@ -28,8 +31,8 @@ PAST, PRESENT = "past_key_values.", "present."  # + "{layer}.{key|value}", layer
 KV_KINDS = ("key", "value")
 
 ALL = frozenset({PIXEL_VALUES, VISION_POSITION_IDS, WINDOW_INDEX, WINDOW_INVERSE, WINDOW_IDS, IMAGE_FEATURES, INPUT_IDS,
-                 INPUTS_EMBEDS, POSITION_IDS, ATTENTION_MASK, HIDDEN_STATES, SCORES, IMAGE_START, PRUNED_HIDDEN_STATES,
-                 PRUNED_POSITION_IDS, PRUNED_ATTENTION_MASK, KEEP_INDICES, LOGITS})
+                 INPUTS_EMBEDS, POSITION_IDS, ATTENTION_MASK, HIDDEN_STATES, SCORES, IMAGE_START, IMAGE_SPAN,
+                 PRUNED_HIDDEN_STATES, PRUNED_POSITION_IDS, PRUNED_ATTENTION_MASK, KEEP_INDICES, LOGITS})
 
 
 def past(layer: int, kind: str) -> str:
