@@ -61,9 +61,10 @@ class QwenSpec:
 
 QWEN_BUILTINS: dict[str, QwenSpec] = {
     "tiny-qwen2.5-vl": QwenSpec(
-        "runs in seconds on CPU: 4..64 image tokens, 4 ViT blocks (1 and 3 full), 4 text layers, GQA 4/2, M-RoPE",
+        "runs in seconds on CPU: 4..64 image tokens, 4 ViT blocks (1 and 3 full), 8 text layers (every preset's "
+        "stages fit), GQA 4/2, M-RoPE",
         min_tokens=4, max_tokens=64, vision_hidden=32, vision_depth=4, vision_heads=2, fullatt_blocks=(1, 3),
-        window_size=84, hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, mrope_section=(2, 3, 3),
+        window_size=84, hidden=64, intermediate=128, layers=8, heads=4, kv_heads=2, mrope_section=(2, 3, 3),
     ),
 }
 
