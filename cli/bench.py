@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from btp.runtime.cli import add_alias, add_common, check_writable, emit, print_json, run_main
+from btp.cli.common import add_alias, add_common, check_writable, emit, print_json, run_main
 from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError
 from btp.tools.bench import bench, plot, plot_sweep, sweep

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from btp.runtime.cli import add_common, check_writable, emit, run_main, stdout_to_stderr
+from btp.cli.common import add_common, check_writable, emit, run_main, stdout_to_stderr
 from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError
 from btp.tools.bench_quality import BASELINES, plot, quality

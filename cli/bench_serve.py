@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from btp.runtime.cli import add_common, emit, run_main
+from btp.cli.common import add_common, emit, run_main
 from btp.runtime.errors import InputError
 from btp.serve.bench import SCENE, bench
 

@@ -16,12 +16,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from btp.cli.common import add_alias, add_common, check_writable, print_json, run_main, save_figure
 from btp.compiler.calibrate import Profile, Target, calibrate
 from btp.compiler.calibration_data import load_samples
 from btp.compiler.models import load_model
 from btp.compiler.plan import FORMAT, Plan
 from btp.compiler.presets import model_info
-from btp.runtime.cli import add_alias, add_common, check_writable, print_json, run_main, save_figure
 
 
 def parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from btp.runtime.cli import FAILED, OK, add_alias, add_common, check_writable, print_json, run_main
+from btp.cli.common import FAILED, OK, add_alias, add_common, check_writable, print_json, run_main
 from btp.runtime.errors import InputError
 from btp.tools.check import FP32_TOL, default_samples, run_check
 

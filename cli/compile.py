@@ -10,10 +10,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from btp.cli.common import FAILED, OK, add_common, print_json, run_main, stdout_to_stderr
 from btp.compiler.build import BACKENDS, BuildConfig, compile_artifact
 from btp.compiler.export import Limits
 from btp.compiler.models import DTYPES
-from btp.runtime.cli import FAILED, OK, add_common, print_json, run_main, stdout_to_stderr
 from btp.runtime.dependencies import require
 
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from btp.runtime.cli import add_common, check_writable, print_json, run_main
+from btp.cli.common import add_common, check_writable, print_json, run_main
 from btp.tools.samples import TOY_ANSWER, TOY_QUESTION, toy_plan_path, toy_scene
 
 DEMO_MODEL = "builtin:toy-vlm"

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from btp.runtime.cli import FAILED, OK, add_common, check_writable, print_json, run_main, stdout_to_stderr
+from btp.cli.common import FAILED, OK, add_common, check_writable, print_json, run_main, stdout_to_stderr
 from btp.runtime.dependencies import require, require_device
 from btp.runtime.errors import InputError
 from btp.tools.gpu_check import DTYPES, MODELS, PRESETS, bench_on_gpu, build_and_check, environment

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from btp.cli.common import add_common, check_writable, print_json, run_main
 from btp.runtime import Pipeline
-from btp.runtime.cli import add_common, check_writable, print_json, run_main
 from btp.runtime.inputs import check_prompt_text, open_image
 
 

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from btp.runtime.cli import add_common, print_json, run_main, stdout_to_stderr
+from btp.cli.common import add_common, print_json, run_main, stdout_to_stderr
 from btp.runtime.errors import InputError
 from btp.serve.app import ServeOptions
 from btp.serve.protocol import Limits

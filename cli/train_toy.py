@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from btp.runtime.cli import add_common, check_writable, print_json, run_main, stdout_to_stderr
+from btp.cli.common import add_common, check_writable, print_json, run_main, stdout_to_stderr
 from btp.runtime.errors import InputError
 from btp.toy import task as toy_task
 from btp.toy.trainer import train_and_save

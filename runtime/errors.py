@@ -1,5 +1,5 @@
 """The typed error hierarchy shared by every package: every error the tool raises for bad input is a `BtpError`
-defined here, and nowhere else. CLIs print one line and exit with code 2 (see `btp.runtime.cli`)."""
+defined here, and nowhere else. CLIs print one line and exit with code 2 (see `btp.cli.common`)."""
 
 
 class BtpError(Exception):
@@ -8,7 +8,7 @@ class BtpError(Exception):
     `option`: the library parameter at fault (`max_batch`), when there is one; the message then continues the
     sentence it begins (`BuildError("must be >= 1, got 0", option="max_batch")` reads "max_batch must be >= 1,
     got 0"), or names it where it says `{option}`; a command line names its own flag instead (`--max-batch must
-    be >= 1, got 0`, see `btp.runtime.cli.run_main`)."""
+    be >= 1, got 0`, see `btp.cli.common.run_main`)."""
 
     def __init__(self, message: str = "", *, option: str | None = None):
         super().__init__(message)

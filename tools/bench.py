@@ -19,9 +19,9 @@ import torch
 
 from btp.artifact.manifest import read_manifest
 from btp.runtime import Pipeline
-from btp.runtime.cli import save_figure
 from btp.runtime.dependencies import require, require_device
 from btp.runtime.errors import InputError
+from btp.tools.output import save_figure
 
 from .samples import sample_image
 

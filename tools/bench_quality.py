@@ -20,8 +20,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from btp.runtime.cli import save_figure
 from btp.runtime.errors import InputError, PlanError
+from btp.tools.output import save_figure
 from btp.toy import task as toy_task
 
 PRESET_NAMES = ("none", "btp", "fastv", "pdrop", "divprune")

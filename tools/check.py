@@ -25,9 +25,9 @@ import torch
 from btp.artifact.manifest import read_manifest
 from btp.backends.tensorrt_backend import fit_profile, tensorrt_version
 from btp.runtime import Pipeline
-from btp.runtime.cli import stdout_to_stderr
 from btp.runtime.dependencies import require
 from btp.runtime.errors import InputError
+from btp.tools.output import stdout_to_stderr
 
 FP32_TOL = 1e-4
 # fp16/bf16 thresholds: median relative error, its 99th percentile, and the cosine of every output.

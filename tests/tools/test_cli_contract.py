@@ -1,4 +1,4 @@
-"""What every `btp-*` command promises (`btp.runtime.cli`): exit code 2 and one `btp-NAME: error:` line for bad
+"""What every `btp-*` command promises (`btp.cli.common`): exit code 2 and one `btp-NAME: error:` line for bad
 input, `--json` prints one JSON object and nothing else on stdout, exit code 1 when a check finds a mismatch."""
 
 import importlib

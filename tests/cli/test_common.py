@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from btp.cli.common import add_alias, check_writable, run_main
 from btp.runtime import BtpError, BuildError, DataError, InputError
-from btp.runtime.cli import add_alias, check_writable, run_main
 
 
 def test_writable_paths_pass(tmp_path):

@@ -29,15 +29,15 @@ Old spellings (`--new-tokens`, `--steps`, `--batch-size`) still parse as hidden,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import BtpError, InputError
+from btp.runtime.errors import BtpError, InputError
+from btp.tools.output import save_figure, stdout_to_stderr  # noqa: F401 - the commands import them from here
 
 OK, FAILED, BAD_INPUT, INTERNAL = 0, 1, 2, 3
 
@@ -51,13 +51,6 @@ def add_common(p: argparse.ArgumentParser, json_help: str = "print the result as
 def add_alias(p: argparse.ArgumentParser, old: str, dest: str, **kwargs) -> None:
     """`old`, a deprecated spelling of the option stored in `dest`: parsed as before, left out of `--help`."""
     p.add_argument(old, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
-
-
-@contextlib.contextmanager
-def stdout_to_stderr(enabled: bool = True) -> Iterator[None]:
-    """While the work runs, whatever it prints goes to stderr: stdout stays the command's JSON result."""
-    with contextlib.redirect_stdout(sys.stderr) if enabled else contextlib.nullcontext():
-        yield
 
 
 def print_json(doc: dict) -> None:
@@ -76,16 +69,6 @@ def emit(report: dict, as_json: bool, show: Callable[[dict], None], plot_path=No
     else:
         show(report)
     return 0
-
-
-def save_figure(fig, path) -> Path:
-    """Write a matplotlib figure to `path` (PNG by its suffix) and close it."""
-    import matplotlib.pyplot as plt
-
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
 def run_main(body: Callable[[], int], debug: bool, prog: str, flags: dict[str, str] | None = None,
