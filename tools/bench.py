@@ -62,8 +62,7 @@ def unpruned_twin(root: Path, manifest, log=print, backend: str = "onnxruntime")
     return cached_artifact(root, manifest, "none", "none", log, backend)
 
 
-def fixed_flops(model) -> float:
-    """FLOPs of the prefill that no plan prunes: vision tower, projector and the LM head's last row."""
+def _clip_flops(model, grid) -> float:
     from btp.compiler.cost import vision_flops
 
     cfg = model.config
@@ -71,9 +70,55 @@ def fixed_flops(model) -> float:
     layer = cfg.vision_feature_layer
     layers = layer if layer >= 0 else v.num_hidden_layers + 1 + layer
     side = v.image_size // v.patch_size
-    vision = vision_flops(side * side, v.hidden_size, v.intermediate_size, layers,
-                          v.num_channels * v.patch_size**2, model.hidden_size)
-    return vision + model.hidden_size * cfg.text_config.vocab_size
+    return vision_flops(side * side, v.hidden_size, v.intermediate_size, layers, v.num_channels * v.patch_size**2,
+                        model.hidden_size)
+
+
+def _qwen_flops(model, grid) -> float:
+    from btp.compiler.cost import qwen_vision_flops
+
+    v = model.config.vision_config
+    merge = v.spatial_merge_size
+    t, h, w = grid or (1, model.grid[0] * merge, model.grid[1] * merge)
+    return qwen_vision_flops((t, h, w), v.hidden_size, v.intermediate_size, v.depth, len(v.fullatt_block_indexes),
+                             v.in_channels * v.temporal_patch_size * v.patch_size**2, merge,
+                             v.window_size // merge // v.patch_size, model.hidden_size)
+
+
+# Each family's vision tower and projector: (model, image grid (t, h, w) in patches or None) -> FLOPs.
+VISION_FLOPS = {"llava": _clip_flops, "qwen2_5_vl": _qwen_flops}
+
+
+def fixed_flops(model, grid: tuple[int, int, int] | None = None) -> float:
+    """FLOPs of the prefill that no plan prunes: vision tower, projector and the LM head's last row. `grid`: the
+    image's (t, h, w) patches where the family's image size varies (None: its nominal square image)."""
+    return VISION_FLOPS[model.family.name](model, grid) + model.hidden_size * model.config.text_config.vocab_size
+
+
+def image_geometry(pipe: Pipeline, images, prompts) -> tuple[int, tuple[int, int, int] | None]:
+    """(image tokens N, the vision grid (t, h, w) in patches or None for a fixed-size tower) of the first row."""
+    enc = pipe.encode(images[:1], prompts[:1])
+    n = int((enc["input_ids"][0] == pipe.spec.image_token_id).sum())
+    grid = enc["image_grid_thw"][0].tolist() if "image_grid_thw" in enc else None
+    return n, (tuple(int(x) for x in grid) if grid is not None else None)
+
+
+def layer_tokens_at(plan, n: int) -> list[int]:
+    """Image tokens alive in each decoder layer `[num_layers]` of an image of `n` tokens (a share plan's keeps at
+    `n`; a fixed-size plan's own counts, with `n` its `image_tokens`)."""
+    keeps = {s.layer: k for s, (k, _) in zip(plan.stages, plan.stage_counts(n))}
+    out, alive = [], n
+    for layer in range(plan.model.num_layers):
+        alive = keeps.get(layer, alive)
+        out.append(alive)
+    return out
+
+
+def plan_flops(plan, n: int, hidden: int, intermediate: int, text_tokens: int) -> float:
+    """Prefill FLOPs of the decoder (BTP.md section 5) over `n` image tokens pruned by `plan`, plus the text."""
+    from btp.compiler.cost import decoder_flops
+
+    return sum(decoder_flops(k + text_tokens, hidden, intermediate) for k in layer_tokens_at(plan, n))
 
 
 def make_prompt(tokenizer, text_tokens: int) -> str:
@@ -165,22 +210,23 @@ def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: 
         for name, run in runners.items():  # interleaved: pruned, unpruned, hf, pruned, ...
             runs[name].append(dict(run()))
     prompt_len = len(pruned.prepare(images[:1], prompts[:1]).input_ids[0])
-    text_tokens = prompt_len - manifest.model.image_tokens
+    n, grid = image_geometry(pruned, images, prompts)
+    text_tokens = prompt_len - n
     report: dict = {"artifact": str(root), "prompt_tokens": prompt_len, "text_tokens": text_tokens,
-                    "new_tokens": new_tokens, "batch": batch, "repeat": repeat}
+                    "image_tokens": n, "new_tokens": new_tokens, "batch": batch, "repeat": repeat}
     for name in pipes:
         report[name] = _summary(runs[name], graphs[name])
         report[name]["kv_cache_bytes"] = _kv_bytes(pipes[name], images, prompts)
     plan = Plan.parse(manifest.plan)
     d, inter = manifest.model.hidden_size, manifest.model.intermediate_size
     none = Plan.parse({**manifest.plan, "stages": []})
-    fixed = fixed_flops(model)
-    flops_pruned, flops_none = plan.flops(d, inter, text_tokens), none.flops(d, inter, text_tokens)
+    fixed = fixed_flops(model, grid)
+    flops_pruned, flops_none = plan_flops(plan, n, d, inter, text_tokens), plan_flops(none, n, d, inter, text_tokens)
     report["flops"] = {
         "pruned": flops_pruned, "unpruned": flops_none, "fixed": fixed,
         "ideal_speedup": flops_none / flops_pruned,
         "ideal_ttft_speedup": (fixed + flops_none) / (fixed + flops_pruned),
-        "layer_averaged_image_tokens": plan.average_image_tokens(),
+        "layer_averaged_image_tokens": statistics.fmean(layer_tokens_at(plan, n)),
     }
     p = report["pruned"]
     decoder = lambda r: sum(v for k, v in r["prefill_ms"].items() if k.startswith(("stage", "prune")))  # noqa: E731
@@ -283,7 +329,8 @@ def sweep(out: str | Path, kind: str, prompt_tokens: int, batch: int, repeat: in
     first = next(iter(pipes.values()))
     prompt = make_prompt(first.processor.tokenizer, prompt_tokens)
     images, prompts = [sample_image()] * batch, [prompt] * batch
-    text_tokens = len(first.prepare(images[:1], prompts[:1]).input_ids[0]) - manifest.model.image_tokens
+    n, grid = image_geometry(first, images, prompts)
+    text_tokens = len(first.prepare(images[:1], prompts[:1]).input_ids[0]) - n
     ttft: dict[str, list[float]] = {label: [] for label in pipes}
     for p in pipes.values():
         p.generate(images, prompts, max_new_tokens=1)
@@ -292,9 +339,9 @@ def sweep(out: str | Path, kind: str, prompt_tokens: int, batch: int, repeat: in
         for label, p in pipes.items():
             ttft[label].append(p.generate(images, prompts, max_new_tokens=1).timings["ttft_ms"])
     d, inter = model.hidden_size, model.intermediate_size
-    fixed = fixed_flops(model)
-    points = [{"plan": label, "layer_averaged_image_tokens": plan.average_image_tokens(),
-               "flops": fixed + plan.flops(d, inter, text_tokens), "ttft_ms": statistics.median(ttft[label]),
+    fixed = fixed_flops(model, grid)
+    points = [{"plan": label, "layer_averaged_image_tokens": statistics.fmean(layer_tokens_at(plan, n)),
+               "flops": fixed + plan_flops(plan, n, d, inter, text_tokens), "ttft_ms": statistics.median(ttft[label]),
                "ttft_min_ms": min(ttft[label])} for label, plan in plans.items()]
     return {"artifact": str(root), "sweep": kind, "batch": batch, "repeat": repeat, "text_tokens": text_tokens,
             "points": points, "environment": _environment(manifest)}
