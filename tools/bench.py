@@ -139,13 +139,17 @@ class _HfRunner:
     """Hugging Face `generate` on the same weights (sdpa attention, greedy): one `run()` per benchmark round
     gives its time to first token and its decode tokens/s, so that it interleaves with the engine runs."""
 
-    def __init__(self, model, inp, new_tokens: int, device: torch.device = CPU):
+    def __init__(self, model, enc, new_tokens: int, device: torch.device = CPU):
+        """`enc`: the processor's output for the batch (`Pipeline.encode`), in the family's own Hugging Face form
+        (Qwen2.5-VL: flattened patches and `image_grid_thw`); floating tensors in the model's dtype."""
         self.hf = model.hf.to(device)
         self.hf.set_attn_implementation("sdpa")
         self.device = device
-        self.kwargs = dict(input_ids=inp.input_ids.to(device), attention_mask=inp.attention_mask.to(device),
-                           pixel_values=inp.pixel_values.to(device), do_sample=False)
-        self.new_tokens, self.batch = new_tokens, inp.input_ids.shape[0]
+        dtype = next(self.hf.parameters()).dtype
+        self.kwargs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                       for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        self.kwargs["do_sample"] = False
+        self.new_tokens, self.batch = new_tokens, enc["input_ids"].shape[0]
         self._generate(2)  # warm-up
 
     def _generate(self, n: int) -> float:
@@ -203,7 +207,7 @@ def bench(out: str | Path, baselines: set[str], prompt_tokens: int, new_tokens: 
     for p in pipes.values():  # warm-up
         p.generate(images, prompts, max_new_tokens=2)
     if "hf" in baselines:
-        runners["hf"] = _HfRunner(model, pruned.prepare(images, prompts), new_tokens, dev).run
+        runners["hf"] = _HfRunner(model, pruned.encode(images, prompts), new_tokens, dev).run
     runs: dict[str, list[dict]] = {name: [] for name in runners}
     for i in range(repeat):
         log(f"round {i + 1}/{repeat}")
