@@ -86,6 +86,8 @@ def build_graphs(model, plan: Plan, max_positions: int | None = None,
         head_dim=head_dim,
         dtype=str(dtype).removeprefix("torch."),
         max_positions=int(rotary.cos.shape[0]),
+        family=fam.name,
+        **fam.input_fields(hf.config),
     )
     for g in graphs.values():
         g.eval()

@@ -30,7 +30,7 @@ class Family(Protocol):
 
     def geometry(self, model) -> tuple[int, tuple[int, int]]: ...
 
-    def inputs(self, model): ...
+    def input_fields(self, config) -> dict: ...
 
     def vision(self, model: nn.Module, dtype: torch.dtype) -> VisionGraph: ...
 
@@ -84,8 +84,9 @@ class LlavaFamily:
         side = vision.image_size // vision.patch_size
         return int(vision.image_size), (side, side)
 
-    def inputs(self, model):
-        return None  # `Pipeline.prepare` as it is
+    def input_fields(self, config) -> dict:
+        """The `ChainSpec` fields of its input preparation: none beyond `family`."""
+        return {}
 
     @staticmethod
     def _text(model):

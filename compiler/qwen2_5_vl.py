@@ -3,7 +3,6 @@ Qwen2 text model with M-RoPE) -> the `graphs` modules, and the host-side input p
 
 from __future__ import annotations
 
-import functools
 import math
 
 from torch import nn
@@ -13,8 +12,6 @@ from btp.graphs import DecoderLayer, EmbedGraph, HeadGraph, RMSNorm
 from btp.graphs.layers import MRotaryTable
 from btp.graphs.qwen_vision import QwenVisionGraph
 from btp.runtime.errors import ModelError
-
-from .qwen_inputs import prepare
 
 # Image-token bounds of the vision graph's declared dims: the processor's defaults (56*56 .. 28*28*1280 pixels).
 IMAGE_TOKENS = (4, 1280)
@@ -66,11 +63,11 @@ class Qwen25VLFamily:
         side = math.isqrt(ip.size["longest_edge"] // (cell * cell))
         return side * cell, (side, side)
 
-    def inputs(self, model):
-        """The chain's input preparation: `prepare(pipe, images, prompts) -> Inputs` with M-RoPE positions."""
-        v = model.config.vision_config
-        return functools.partial(prepare, merge=v.spatial_merge_size,
-                                 window=v.window_size // v.spatial_merge_size // v.patch_size)
+    def input_fields(self, config) -> dict:
+        """The `ChainSpec` fields of its input preparation (`btp.runtime.qwen`): merge and window sizes."""
+        v = config.vision_config
+        window = v.window_size // v.spatial_merge_size // v.patch_size  # pixels -> image tokens
+        return {"spatial_merge": v.spatial_merge_size, "window_tokens": window}
 
     @staticmethod
     def _text(model):

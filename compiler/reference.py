@@ -33,16 +33,11 @@ class TorchEngine:
 
 
 class ReferencePipeline(Pipeline):
-    """The chain over torch engines, with the checked plan it was built from; `inputs` (a family's input
-    preparation, `inputs(pipe, images, prompts) -> Inputs`) replaces `Pipeline.prepare` where given."""
+    """The chain over torch engines, with the checked plan it was built from."""
 
-    def __init__(self, engines, spec, processor, plan: Plan, device, inputs=None):
+    def __init__(self, engines, spec, processor, plan: Plan, device):
         super().__init__(engines, spec, processor, device)
         self.plan = plan
-        self.inputs = inputs
-
-    def prepare(self, images, prompts):
-        return super().prepare(images, prompts) if self.inputs is None else self.inputs(self, images, prompts)
 
 
 def reference_pipeline(model, plan="none", max_positions: int | None = None,
@@ -52,5 +47,4 @@ def reference_pipeline(model, plan="none", max_positions: int | None = None,
     checked = resolve_plan(plan, model)
     graphs, spec = build_graphs(model, checked, max_positions, per_layer)
     engines = {name: TorchEngine(g) for name, g in graphs.items()}
-    return ReferencePipeline(engines, spec, model.processor, checked, next(model.hf.parameters()).device,
-                             model.family.inputs(model))
+    return ReferencePipeline(engines, spec, model.processor, checked, next(model.hf.parameters()).device)

@@ -67,6 +67,9 @@ class ChainSpec:
     dtype: str = "float32"
     max_positions: int = 4096  # the rotary tables' length: `bounds.max_positions` for a compiled artifact
     bounds: Bounds | None = None  # compiled artifacts: the bounds their graphs were built for
+    family: str = "llava"  # whose input preparation `Pipeline.prepare` runs: "llava" or "qwen2_5_vl"
+    spatial_merge: int = 1  # Qwen2.5-VL: patches per image token, a side (the vision tower's merger)
+    window_tokens: int = 0  # Qwen2.5-VL: the vision tower's attention windows, a side, in image tokens
 
     @property
     def max_prompt(self) -> int | None:

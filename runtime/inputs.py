@@ -1,7 +1,11 @@
-"""What the pipeline takes before any work: image sizes bounded from the header, high-bit-depth images scaled,
-prompts that are text. `MAX_IMAGE_PIXELS` and `MAX_ASPECT_RATIO` may be set to change the bounds."""
+"""What the pipeline takes (image sizes bounded from the header, high-bit-depth images scaled, prompts that are text)
+and `Inputs`, what `prepare` makes of it. `MAX_IMAGE_PIXELS` and `MAX_ASPECT_RATIO` may be set to change the bounds."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
 
 from .errors import InputError
 
@@ -9,6 +13,19 @@ from .errors import InputError
 # edge to its input size turns a 100000x1 image of a few hundred bytes into gigabytes.
 MAX_IMAGE_PIXELS = 64_000_000
 MAX_ASPECT_RATIO = 20.0
+
+
+@dataclass
+class Inputs:
+    """Model inputs of one batch, as `Pipeline.prepare` makes them."""
+
+    input_ids: torch.Tensor  # [B,T] int64, left padded
+    attention_mask: torch.Tensor  # [B,T] int64
+    pixel_values: torch.Tensor  # [B,3,H,W] (a family's own layout where its vision graph says so)
+    image_start: torch.Tensor  # [B] int64
+    position_ids: torch.Tensor | None = None  # [3,B,T] int64 for M-RoPE; None: [B,T] counted from the mask
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)  # the vision graph's other feeds, by name
+    image_tokens: int = 0  # N0, every row's image tokens; 0: the chain's fixed `spec.image_tokens`
 
 
 def check_image_size(size, what: str = "image") -> None:

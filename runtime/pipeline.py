@@ -17,18 +17,21 @@ from dataclasses import dataclass, field
 import torch
 
 from . import names as n
+from . import qwen
+from .batches import listed, merge, sub_batches
 from .chain import ChainSpec, Engine, StageLayout
 from .errors import InputError
-from .inputs import check_image_size, check_prompt_text, to_rgb
+from .inputs import Inputs, check_image_size, check_prompt_text, to_rgb
 from .sampling import check_sampling, next_tokens
 
 log = logging.getLogger(__name__)
+FAMILY_INPUTS = {"qwen2_5_vl": qwen}  # families whose inputs `prepare` hands to their module (LLaVA's: its own)
 
 
 @dataclass
 class GenerateOutput:
-    """What `generate` returns. `kept_indices[row][p]` are the image-grid positions (0..N0-1, ascending)
-    kept at the p-th prune stage; `logits` (when asked for) holds one fp32 `[B,V]` tensor per step."""
+    """What `generate` returns. `kept_indices[row][p]` are the grid positions of the row's own image (0..N0-1,
+    ascending) kept at the p-th prune stage; `logits` (when asked for) holds one fp32 `[B,V]` tensor per step."""
 
     texts: list[str]
     token_ids: list[list[int]]
@@ -58,18 +61,6 @@ class Prefill:
     caches: dict[str, dict[str, torch.Tensor]]
     kept: list[torch.Tensor]
     timings: dict[str, float]
-
-
-@dataclass
-class Inputs:
-    """Model inputs of one batch, as `prepare` makes them."""
-
-    input_ids: torch.Tensor  # [B,T] int64, left padded
-    attention_mask: torch.Tensor  # [B,T] int64
-    pixel_values: torch.Tensor  # [B,3,H,W] (a family's own layout where its vision graph says so)
-    image_start: torch.Tensor  # [B] int64
-    position_ids: torch.Tensor | None = None  # [3,B,T] int64 for M-RoPE; None: [B,T] counted from the mask
-    vision: dict[str, torch.Tensor] = field(default_factory=dict)  # the vision graph's other feeds, by name
 
 
 # Called after every graph runs with its name, feeds and outputs (name-keyed tensors): how checks and calibration
@@ -106,11 +97,8 @@ class TextStream:
     `timings` are filled once prefill has run."""
 
     def __init__(self, pipe: Pipeline, steps: Iterator[Step]):
-        self.timings: dict[str, float] = {}
-        self._kept: list[torch.Tensor] = []  # filled by prefill
-        self._pipe = pipe
-        self._steps = steps
-        self.token_ids: list[int] = []
+        self.timings, self.token_ids, self._kept = {}, [], []  # timings and kept: filled by prefill
+        self._pipe, self._steps = pipe, steps
 
     @property
     def kept_indices(self) -> list[list[int]]:
@@ -169,9 +157,7 @@ class Pipeline:
         missing = [g for g in needed if g not in engines]
         if missing:
             raise ValueError(f"engines missing for graphs {missing}")
-        self.engines = dict(engines)
-        self.spec = spec
-        self.processor = processor
+        self.engines, self.spec, self.processor = dict(engines), spec, processor
         self.device = torch.device(device)
         self.manifest = None  # set when loaded from an artifact directory
         self.image_token = processor.tokenizer.convert_ids_to_tokens(spec.image_token_id)
@@ -193,7 +179,10 @@ class Pipeline:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     def prepare(self, images: Sequence, prompts: Sequence[str]) -> Inputs:
-        """Tokenize and preprocess one image per prompt; raise `InputError` on what the model cannot take."""
+        """Tokenize and preprocess one image per prompt as the chain's family does (`spec.family`); raise
+        `InputError` on what the model cannot take."""
+        if (family := FAMILY_INPUTS.get(self.spec.family)) is not None:
+            return family.prepare(self, images, prompts)
         enc = self.encode(images, prompts)
         ids, mask = enc["input_ids"].to(torch.int64), enc["attention_mask"].to(torch.int64)
         start = self.image_span(ids, self.spec.image_tokens)
@@ -202,17 +191,13 @@ class Pipeline:
         if tuple(pixels.shape) != want:
             raise InputError(f"expected pixel_values of shape {want}, got {tuple(pixels.shape)}")
         dev = self.device
-        return Inputs(ids.to(dev), mask.to(dev), pixels.to(dev, self.spec.torch_dtype), start.to(dev))
+        return Inputs(ids.to(dev), mask.to(dev), pixels.to(dev, self.spec.torch_dtype), start.to(dev),
+                      image_tokens=self.spec.image_tokens)
 
     def encode(self, images: Sequence, prompts: Sequence[str]):
         """The processor's output (`input_ids`, `attention_mask` `[B,T]`, the image tensors) for one image per
         prompt, after the checks that need no knowledge of the model family; `InputError` otherwise."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if len(images) != len(prompts) or not prompts:
-            raise InputError(f"expected one image per prompt, got {len(images)} images and {len(prompts)} prompts")
+        images, prompts = listed(images, prompts)
         texts = []
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
@@ -227,7 +212,6 @@ class Pipeline:
             if found != 1:
                 raise InputError(f"prompt {i}: expected exactly one {self.image_token} placeholder, found {found}")
             texts.append(text)
-        images = list(images)
         for i, image in enumerate(images):
             w, h = getattr(image, "width", None), getattr(image, "height", None)  # PIL images; arrays go on
             if isinstance(w, int) and isinstance(h, int):
@@ -292,12 +276,13 @@ class Pipeline:
         mask = inp.attention_mask
         pos = (mask.cumsum(-1) - 1).clamp_min(0) if inp.position_ids is None else inp.position_ids  # pads get 0
         last_position = pos[..., -1]  # [B] or [3,B]: decode continues from the unpruned prompt's last position
-        grid = torch.arange(spec.image_tokens, device=self.device)[None].expand(b, -1)  # [B,N] grid ids
+        span = torch.arange(inp.image_tokens or spec.image_tokens, device=self.device)  # [N0]: this batch's image
+        grid = span[None].expand(b, -1)  # [B,N0] grid ids
         kept, states, scores = [], [], None
         for layout in spec.stages:
             if layout.prune is not None:
                 feeds = {n.HIDDEN_STATES: h, n.POSITION_IDS: pos, n.ATTENTION_MASK: mask,
-                         n.SCORES: scores, n.IMAGE_START: inp.image_start}
+                         n.SCORES: scores, n.IMAGE_START: inp.image_start, n.IMAGE_SPAN: span}
                 out = self._run(layout.prune, feeds, call)
                 h, pos, mask = out[n.PRUNED_HIDDEN_STATES], out[n.PRUNED_POSITION_IDS], out[n.PRUNED_ATTENTION_MASK]
                 grid = grid.gather(1, out[n.KEEP_INDICES])
@@ -398,16 +383,24 @@ class Pipeline:
         """Answer one prompt per image. Greedy by default; `do_sample` draws with `temperature`/`top_p`
         from a generator seeded with `seed`. Rows stop at EOS (the EOS id is kept in `token_ids`), but not
         before `min_new_tokens` tokens (EOS is masked until then, as in Hugging Face's `generate`).
-        `on_graph(name, feeds, outputs)` sees every graph run, prefill and decode."""
-        inp = self.prepare(images, prompts)
-        logits: list[torch.Tensor] = []
-        kept: list[torch.Tensor] = []
-        times: dict[str, float] = {}
+        `on_graph(name, feeds, outputs)` sees every graph run, prefill and decode. Images resized to different
+        sizes, and batches over the artifact's `max_batch`, run as sub-batches (`batches.merge`: the output)."""
+        images, prompts = listed(images, prompts)
+        family = FAMILY_INPUTS.get(self.spec.family)
+        parts = sub_batches(family.image_grids(self, images) if family else [0] * len(images), self.spec.max_batch)
+        batches = [self.prepare([images[i] for i in p], [prompts[i] for i in p]) for p in parts]  # all checked first
+        args = (max_new_tokens, do_sample, temperature, top_p, seed, min_new_tokens, on_graph)
+        outs = [self._generate(inp, output_logits, args) for inp in batches]
+        return outs[0] if len(outs) == 1 else merge(outs, parts)
+
+    def _generate(self, inp: Inputs, output_logits: bool, args: tuple) -> GenerateOutput:
+        """`generate` of one prepared batch; `args`: the arguments of `steps` after `inp`."""
+        logits, kept, times = [], [], {}
         b = inp.input_ids.shape[0]
         rows: list[list[int]] = [[] for _ in range(b)]
         finished = [False] * b
         eos = set(self.spec.eos_token_ids)
-        for step in self.steps(inp, max_new_tokens, do_sample, temperature, top_p, seed, min_new_tokens, on_graph):
+        for step in self.steps(inp, *args):
             kept, times = step.kept, step.timings
             if output_logits:
                 logits.append(step.logits)
@@ -415,11 +408,10 @@ class Pipeline:
                 if not finished[r]:
                     rows[r].append(t)
                     finished[r] = t in eos
-        tok = self.processor.tokenizer
         prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(inp.input_ids, inp.attention_mask)]
         kept_rows = [[k[r].tolist() for k in kept] for r in range(b)]
-        return GenerateOutput(texts=[tok.decode(r, skip_special_tokens=True) for r in rows], token_ids=rows,
-                              prompt_ids=prompt_ids, kept_indices=kept_rows, timings=dict(times), logits=logits)
+        return GenerateOutput([self.processor.tokenizer.decode(r, skip_special_tokens=True) for r in rows], rows,
+                              prompt_ids, kept_rows, dict(times), logits)
 
     def stream(self, image, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
                temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,

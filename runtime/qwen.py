@@ -1,15 +1,15 @@
-"""Host-side inputs of the Qwen2.5-VL graphs, computed from the image grid as Hugging Face computes them.
-
-Pure torch and `btp.runtime` (no transformers, no graphs), so that it can move into the runtime as it is once an
-artifact of this family runs there: the runtime's `Pipeline` needs these inputs at run time.
-"""
+"""Qwen2.5-VL's inputs, computed on the host from each image's grid as Hugging Face computes them: M-RoPE
+`position_ids [3,B,T]` and the vision graph's window index, its inverse, window ids and rotary positions."""
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-from btp.runtime import InputError, Inputs
-from btp.runtime import names as n
+from . import names as n
+from .errors import InputError
+from .inputs import Inputs
 
 
 def vision_feeds(grid_h: int, grid_w: int, merge: int, window: int) -> dict[str, torch.Tensor]:
@@ -45,9 +45,10 @@ def mrope_positions(attention_mask: torch.Tensor, image_start: torch.Tensor, gh:
     return torch.stack(rows) * attention_mask[None]  # [3,B,T]
 
 
-def prepare(pipe, images, prompts, merge: int, window: int) -> Inputs:
+def prepare(pipe, images, prompts) -> Inputs:
     """`Pipeline.prepare` for Qwen2.5-VL: the processor's output checked (one image size per batch, one image
     span per row), `pixel_values [B,S,C*Tp*P*P]`, M-RoPE `position_ids [3,B,T]` and the vision feeds."""
+    merge, window = pipe.spec.spatial_merge, pipe.spec.window_tokens
     enc = pipe.encode(images, prompts)
     ids, mask = enc["input_ids"].to(torch.int64), enc["attention_mask"].to(torch.int64)
     grids = enc["image_grid_thw"]  # [B,3]
@@ -56,10 +57,26 @@ def prepare(pipe, images, prompts, merge: int, window: int) -> Inputs:
     t, h, w = (int(v) for v in grids[0])
     if t != 1:
         raise InputError(f"expected still images (one temporal patch), got a grid of {t} frames")
-    start = pipe.image_span(ids, h * w // merge**2)
+    n0 = h * w // merge**2
+    start = pipe.image_span(ids, n0)
     pixels = enc["pixel_values"].reshape(ids.shape[0], h * w, -1)  # [B,S,C*Tp*P*P]: the processor's patch rows
     positions = mrope_positions(mask, start, h // merge, w // merge)
     dev = pipe.device
     feeds = {k: v.to(dev) for k, v in vision_feeds(h, w, merge, window).items()}
     return Inputs(ids.to(dev), mask.to(dev), pixels.to(dev, pipe.spec.torch_dtype), start.to(dev), positions.to(dev),
-                  feeds)
+                  feeds, n0)
+
+
+def image_grids(pipe, images) -> list[tuple[int, int] | None]:
+    """Each image's grid of image tokens (rows, columns) once the processor resizes it, from its size alone (the
+    image processor's own `smart_resize`; no pixels touched); None where the size cannot be read."""
+    ip = pipe.processor.image_processor
+    resize, cell, out = importlib.import_module(type(ip).__module__).smart_resize, ip.patch_size * ip.merge_size, []
+    for image in images:
+        shape = tuple(getattr(image, "shape", ())) or (getattr(image, "height", 0), getattr(image, "width", 0))  # PIL
+        hw = shape[1:] if len(shape) == 3 and shape[0] in (1, 3) else shape[:2]  # arrays: channels first if 1 or 3,
+        try:  # as transformers infers the layout
+            out.append(tuple(x // cell for x in resize(*hw, cell, ip.size["shortest_edge"], ip.size["longest_edge"])))
+        except (TypeError, ValueError, ZeroDivisionError):  # no size; an aspect ratio smart_resize refuses
+            out.append(None)
+    return out

@@ -1,6 +1,8 @@
-"""Batching across requests: requests that arrive within `wait_s` and share sampling options are prefilled and
-decoded as one batch on one worker thread (engine calls never block the event loop); each row finishes at its own
-EOS, limit or stop string and is answered at once, and a finished or cancelled row leaves the batch."""
+"""Batching across requests: requests that arrive within `wait_s`, share sampling options and whose images have one
+size once resized (one image-token count and vision feeds: Qwen2.5-VL's follow the image) are prefilled and decoded as
+one batch on one worker thread (engine calls never block the event loop); the others wait for a following batch.
+Each row finishes at its own EOS, limit or stop string and is answered at once, and a finished or cancelled row leaves
+the batch."""
 
 from __future__ import annotations
 
@@ -57,18 +59,31 @@ class Job:
             self._drop[self._row] = True
 
 
+def same_image_size(a: Inputs, b: Inputs) -> bool:
+    """Whether two prepared rows may share a batch: one image-token count, pixel layout and vision feeds (the
+    vision graph takes one set of those per batch)."""
+    return (a.image_tokens == b.image_tokens and a.pixel_values.shape[1:] == b.pixel_values.shape[1:]
+            and a.vision.keys() == b.vision.keys() and all(torch.equal(v, b.vision[k]) for k, v in a.vision.items()))
+
+
 def collate(rows: list[Inputs], pad_id: int) -> Inputs:
-    """One left-padded batch of single-row `Inputs`: `input_ids`/`attention_mask [B,T]` with T the longest
-    row, `pixel_values [B,3,H,W]`, `image_start [B]` shifted by each row's padding."""
+    """One left-padded batch of single-row `Inputs` of one image size (`same_image_size`): `input_ids`/
+    `attention_mask [B,T]` with T the longest row, `pixel_values [B,...]`, `image_start [B]` shifted by each row's
+    padding, M-RoPE `position_ids [3,B,T]` (where the family has them) with 0 at the padding, as `prepare` gives
+    them, and the rows' shared vision feeds."""
     t = max(r.input_ids.shape[1] for r in rows)
+    if not all(same_image_size(rows[0], r) for r in rows[1:]):
+        raise ValueError("collate takes rows of one image size; group them with same_image_size")
 
     def left(x: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (t - x.shape[1], 0), value=value)
+        return torch.nn.functional.pad(x, (t - x.shape[-1], 0), value=value)
 
+    positions = None if rows[0].position_ids is None else torch.cat([left(r.position_ids, 0) for r in rows], dim=1)
     return Inputs(torch.cat([left(r.input_ids, pad_id) for r in rows]),
                   torch.cat([left(r.attention_mask, 0) for r in rows]),
                   torch.cat([r.pixel_values for r in rows]),
-                  torch.cat([r.image_start + t - r.input_ids.shape[1] for r in rows]))
+                  torch.cat([r.image_start + t - r.input_ids.shape[1] for r in rows]),
+                  positions, rows[0].vision, rows[0].image_tokens)
 
 
 class _Row:
@@ -158,16 +173,20 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            key = self._pending[0].request.batch_key
-            deadline = self._pending[0].enqueued + self.wait_s
-            while (len([j for j in self._pending if j.request.batch_key == key]) < self.max_batch
+            first = self._pending[0]
+            deadline = first.enqueued + self.wait_s
+
+            def fits(job: Job, first: Job = first) -> bool:  # same options and image size as the oldest request
+                return job.request.batch_key == first.request.batch_key and same_image_size(job.inputs, first.inputs)
+
+            while (len([j for j in self._pending if fits(j)]) < self.max_batch
                    and (left := deadline - time.perf_counter()) > 0):
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            jobs = [j for j in self._pending if j.request.batch_key == key and not j.cancelled][: self.max_batch]
+            jobs = [j for j in self._pending if fits(j) and not j.cancelled][: self.max_batch]
             taken = {id(j) for j in jobs}
             self._pending = [j for j in self._pending if id(j) not in taken]
             self.metrics.queue_depth.set(len(self._pending))

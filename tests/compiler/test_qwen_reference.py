@@ -6,8 +6,8 @@ from PIL import Image
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from btp.compiler import reference_pipeline
-from btp.compiler.qwen_inputs import vision_feeds
 from btp.runtime import names as n
+from btp.runtime.qwen import vision_feeds
 
 PROMPTS = ["What is shown in the image?", "Describe the colours and the shapes of everything you see here."]
 STEPS = 16

@@ -7,6 +7,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 from serving import ANSWER, QUESTION, chat, data_url, post
 
@@ -32,6 +33,40 @@ def test_collated_rows_answer_as_they_do_alone(toy_pipe):
             if not got[r] or got[r][-1] not in eos:
                 got[r].append(t)
     assert got == alone and toy_pipe.processor.tokenizer.decode(got[0], skip_special_tokens=True).strip() == ANSWER
+
+
+
+def test_collated_qwen_rows_answer_as_they_do_alone(tiny_qwen):
+    from PIL import Image
+
+    from btp.compiler import reference_pipeline
+    from btp.serve.batcher import same_image_size
+
+    pipe = reference_pipeline(tiny_qwen, "none")
+    image = Image.linear_gradient("L").resize((224, 224)).convert("RGB")  # 8x8 = 64 image tokens
+    questions = ["What is shown?", "Describe the colours and the shapes of everything you see here.", "Hi"]
+    rows = [pipe.prepare([image], [q]) for q in questions]
+    assert len({r.input_ids.shape[1] for r in rows}) > 1  # the rows need padding
+    fewer = pipe.prepare([image.resize((112, 112))], ["Hi"])  # 16 image tokens
+    wide = pipe.prepare([image.resize((448, 112))], ["Hi"])  # 64 image tokens too, on a 4x16 grid
+    assert all(same_image_size(rows[0], r) for r in rows)
+    assert not same_image_size(rows[0], fewer) and not same_image_size(rows[0], wide)
+    with pytest.raises(ValueError, match="one image size"):
+        collate(rows + [wide], pipe.spec.pad_token_id)
+    batch = collate(rows, pipe.spec.pad_token_id)
+    together = pipe.prepare([image] * 3, questions)  # the processor's own left padding
+    for name in ("input_ids", "attention_mask", "pixel_values", "image_start", "position_ids"):
+        assert torch.equal(getattr(batch, name), getattr(together, name)), name
+    assert batch.image_tokens == together.image_tokens == 64 and batch.vision.keys() == together.vision.keys()
+    assert all(torch.equal(batch.vision[k], v) for k, v in together.vision.items())
+    alone = [pipe.generate([image], [q], max_new_tokens=8).token_ids[0] for q in questions]
+    got: list[list[int]] = [[] for _ in questions]
+    eos = set(pipe.spec.eos_token_ids)
+    for step in pipe.steps(batch, 8, compact=True):
+        for r, t in zip(step.rows.tolist(), step.token.tolist()):
+            if not got[r] or got[r][-1] not in eos:
+                got[r].append(t)
+    assert got == alone
 
 
 def _health(server) -> dict:
