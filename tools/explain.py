@@ -21,6 +21,17 @@ def panel_size(grid: tuple[int, int], size: int) -> tuple[int, int]:
     return max(1, round(size * rows / cols)), size
 
 
+def image_grid(processor, image: Image.Image, nominal: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of image tokens the model sees for `image`: for a processor that resizes to the image's own
+    grid of merged patches (Qwen2.5-VL: `image_grid_thw` over `merge_size`), that grid; else `nominal`."""
+    ip = getattr(processor, "image_processor", processor)
+    merge = getattr(ip, "merge_size", None)
+    if merge is None:
+        return nominal
+    _, h, w = (int(v) for v in ip(images=[image.convert("RGB")], return_tensors="pt")["image_grid_thw"][0])
+    return h // merge, w // merge
+
+
 def kept_overlay(image: Image.Image, kept, grid: tuple[int, int], size: int = 256) -> np.ndarray:
     """`image` resized to `panel_size(grid, size)` as float RGB `[H,W,3]` in [0, 1], each removed patch dimmed to
     `DIMMED` of its brightness. `kept`: row-major grid positions (0..rows*cols-1); patch (r, c) covers pixel rows

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from btp.runtime.errors import InputError
-from btp.tools.explain import DIMMED, explain_figure, kept_overlay, panel_size
+from btp.tools.explain import DIMMED, explain_figure, image_grid, kept_overlay, panel_size
 
 WHITE = Image.new("RGB", (300, 100), "white")
 
@@ -48,3 +48,10 @@ def test_a_4x16_figure_renders_one_panel_per_stage_in_the_grids_aspect(tmp_path)
 def test_kept_index_outside_the_grid_is_a_one_line_input_error():
     with pytest.raises(InputError, match=r"4x16 grid \(0\.\.63\), got \[0, 64\]"):
         kept_overlay(WHITE, [0, 64], (4, 16))
+
+
+def test_the_grid_of_a_qwen_image_is_its_own_and_a_llava_image_the_nominal_one(tiny_qwen, tiny):
+    wide = Image.linear_gradient("L").resize((448, 112)).convert("RGB")
+    assert image_grid(tiny_qwen.processor, wide, tiny_qwen.grid) == (4, 16)
+    assert image_grid(tiny_qwen.processor, wide.resize((112, 448)), tiny_qwen.grid) == (16, 4)
+    assert image_grid(tiny.processor, wide, tiny.grid) == tiny.grid
