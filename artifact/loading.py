@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from btp.backends.onnxruntime_backend import OrtEngine, SessionOptions
@@ -11,6 +12,7 @@ from btp.runtime.dependencies import require, require_device
 from btp.runtime.errors import ArtifactError, InputError
 
 from .manifest import MANIFEST, read_manifest
+from .processor import load_processor
 
 log = logging.getLogger(__name__)
 
@@ -148,17 +150,16 @@ def _load(cls, root: Path, backend: str, device: str, threads: int, optimization
             _check_bounds(engine, manifest, file)
         engines[name] = engine
     try:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(str(root / manifest.processor))
-    except (OSError, ValueError) as err:
+        processor = load_processor(root / manifest.processor)
+    except (OSError, ValueError, ImportError) as err:
         raise ArtifactError(f"{root / manifest.processor}: cannot load the processor ({err})") from err
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         raise ArtifactError(f"{root / manifest.processor}: the processor has no tokenizer")
     _check_token_ids(manifest, processor, root)
     tokenizer.padding_side = "left"
-    pipe = cls(engines, manifest.chain.spec(), processor, device=device)
+    # The build's bounds, image-token range included (the chain document stores only batch and prompt).
+    pipe = cls(engines, replace(manifest.chain.spec(), bounds=manifest.build.bounds), processor, device=device)
     pipe.manifest = manifest
     log.info("loaded %s: %d graphs on %s", root, len(engines), device)
     return pipe

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import fields
 from pathlib import Path, PurePosixPath
 from typing import Annotated
 
@@ -102,10 +103,15 @@ class BuildOptions(BaseModel):
     # Whether TensorRT could use TF32 for fp32 layers (TensorRT builds only). Artifacts from before the field were
     # built with TensorRT's default, TF32 on: read None as True where engines exist.
     tf32: bool | None = None
+    # Image tokens per image of a family whose count follows the image's size (btp-compile --min-image-tokens,
+    # --max-image-tokens; the saved processor resizes into them); 0 and 0: the model's fixed count.
+    min_image_tokens: int = Field(0, ge=0)
+    max_image_tokens: int = Field(0, ge=0)
 
     @property
     def bounds(self) -> Bounds:
-        return Bounds(self.max_batch, self.max_prompt, self.max_new_tokens)
+        return Bounds(self.max_batch, self.max_prompt, self.max_new_tokens, self.min_image_tokens,
+                      self.max_image_tokens)
 
 
 Count = Annotated[StrictInt, Field(gt=0)]
@@ -137,9 +143,27 @@ class StageInfo(BaseModel):
 
 
 class ChainInfo(BaseModel):
-    """`manifest.chain`: the chain's layout (`ChainSpec.to_dict()`); `spec()` is the runtime's `ChainSpec`."""
+    """`manifest.chain`: the chain's layout (`ChainSpec.to_dict()`); `spec()` is the runtime's `ChainSpec`.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    The fields below are checked here; any other `ChainSpec` field (a family's own, such as its input preparation's
+    sizes) is accepted as `ChainSpec.from_dict` reads it, and a key that is no `ChainSpec` field is refused."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chain_spec_fields(cls, data):
+        if isinstance(data, dict):
+            known = ({f.name for f in fields(ChainSpec)} - {"bounds"}) | set(cls.model_fields)  # bounds: flat
+            unknown = sorted(k for k in data if k not in known)
+            if unknown:
+                raise ValueError(f"unknown chain field(s) {unknown}: expected fields of the runtime's ChainSpec")
+            for f in fields(ChainSpec):  # the others: of their default's type (a str, an int)
+                if f.name in data and f.name not in cls.model_fields and isinstance(f.default, (str, int)) \
+                        and type(data[f.name]) is not type(f.default):
+                    raise ValueError(f"chain {f.name}: expected {type(f.default).__name__}, found "
+                                     f"{data[f.name]!r}")
+        return data
 
     stages: list[StageInfo] = Field(min_length=1)
     image_tokens: Count
@@ -210,6 +234,9 @@ class Manifest(BaseModel):
              f"({b.max_prompt} + {b.max_new_tokens})")
         need(b.max_prompt > c.image_tokens, f"build max_prompt {b.max_prompt} cannot hold {c.image_tokens} image "
              "tokens and a question")
+        lo, hi = b.min_image_tokens, b.max_image_tokens
+        need((lo, hi) == (0, 0) or 1 <= lo <= hi < b.max_prompt, f"build image tokens {lo}..{hi}: expected 0..0 (a "
+             f"fixed count) or 1 <= min <= max < max_prompt ({b.max_prompt})")
         layers = [layer for st in c.stages for layer in st.layers]
         need(layers == list(range(m.num_layers)), f"chain stages cover layers {layers}, expected "
              f"0..{m.num_layers - 1} in order")

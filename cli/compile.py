@@ -30,6 +30,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt", type=int, default=1024,
                    help="longest prompt in tokens, image tokens included (default: 1024)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: 256)")
+    p.add_argument("--min-image-tokens", type=int, default=0, metavar="N",
+                   help="fewest image tokens of one image, for models whose count follows the image's size "
+                        "(Qwen2.5-VL): the saved processor resizes every image into the range (default: the "
+                        "processor's own bound)")
+    p.add_argument("--max-image-tokens", type=int, default=0, metavar="N",
+                   help="most image tokens of one image (default: the processor's own bound)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..20 (default: 18)")
     p.add_argument("--workspace", type=float, default=4.0, metavar="GIB",
                    help="TensorRT builder workspace limit in GiB, > 0 (default: 4; --backend tensorrt only)")
@@ -49,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=args.json, highlight=False)  # with --json, stdout is the result alone
     cfg = BuildConfig(
         model=args.model, plan=args.plan, out=args.out, backend=args.backend, dtype=args.dtype,
-        limits=Limits(max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens),
+        limits=Limits(max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens,
+                      min_image_tokens=args.min_image_tokens, max_image_tokens=args.max_image_tokens),
         opset=args.opset, force=args.force, workspace_gib=args.workspace, tf32=args.tf32,
         timing_cache=args.timing_cache,
     )

@@ -28,6 +28,7 @@ from btp.artifact.manifest import (
     file_table,
     read_manifest,
 )
+from btp.artifact.processor import save_processor
 from btp.backends.tensorrt_backend import tensorrt_version
 from btp.runtime.dependencies import require
 from btp.runtime.errors import ArtifactError, BuildError
@@ -108,8 +109,8 @@ def _check_out(out: Path, force: bool, model: str = "") -> None:
                          "artifact or an empty directory, so nothing was deleted", option="force") from err
 
 
-def _check_limits(cfg: BuildConfig, image_tokens: int) -> None:
-    lim = cfg.limits
+def _check_limits(cfg: BuildConfig, lim: Limits, image_tokens: int) -> None:
+    """The bounds `lim` (image-token range resolved) fit the model's `image_tokens` (the most of one image)."""
     for option in ("max_batch", "max_new_tokens"):
         if getattr(lim, option) < 1:
             raise BuildError(f"must be >= 1, got {getattr(lim, option)}", option=option)
@@ -119,6 +120,38 @@ def _check_limits(cfg: BuildConfig, image_tokens: int) -> None:
     if cfg.opset not in SUPPORTED_OPSETS:
         lo, hi = SUPPORTED_OPSETS.start, SUPPORTED_OPSETS.stop - 1
         raise BuildError(f"must be in {lo}..{hi} (what TensorRT 10/11 parse), got {cfg.opset}", option="opset")
+
+
+def _check_image_options(lim: Limits) -> None:
+    """What can be said of `--min-image-tokens`/`--max-image-tokens` before the model loads."""
+    lo, hi = lim.min_image_tokens, lim.max_image_tokens
+    for option, v in (("min_image_tokens", lo), ("max_image_tokens", hi)):
+        if not isinstance(v, int) or v < 0:
+            raise BuildError(f"must be a number of image tokens >= 1 (0: the processor's bound), got {v!r}",
+                             option=option)
+    if lo and hi and lo > hi:
+        raise BuildError(f"must not exceed the maximum image tokens ({hi}), got {lo}", option="min_image_tokens")
+
+
+def image_bounds(lim: Limits, model) -> Limits:
+    """`lim` with its image-token range resolved against `model`'s processor: 0 takes the processor's own bound,
+    a value outside the processor's range is refused, and so is any range for a family with a fixed count."""
+    allowed = model.family.image_token_range(model)
+    lo, hi = lim.min_image_tokens, lim.max_image_tokens
+    if allowed is None:
+        if lo or hi:
+            raise BuildError(f"applies to models whose image-token count follows the image's size; {model.name} "
+                             f"({model.family.name}) has a fixed {model.image_tokens} image tokens per image",
+                             option="min_image_tokens" if lo else "max_image_tokens")
+        return lim
+    lo, hi = lo or allowed[0], hi or allowed[1]
+    for option, v in (("min_image_tokens", lo), ("max_image_tokens", hi)):
+        if not allowed[0] <= v <= allowed[1]:
+            raise BuildError(f"must be within the {allowed[0]}..{allowed[1]} image tokens {model.name}'s processor "
+                             f"makes, got {v}", option=option)
+    if lo > hi:
+        raise BuildError(f"must not exceed the maximum image tokens ({hi}), got {lo}", option="min_image_tokens")
+    return replace(lim, min_image_tokens=lo, max_image_tokens=hi)
 
 
 def _producer() -> dict[str, str]:
@@ -141,6 +174,7 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
         raise BuildError(f"must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}", option="dtype")
     if not (isinstance(cfg.workspace_gib, int | float) and math.isfinite(cfg.workspace_gib) and cfg.workspace_gib > 0):
         raise BuildError(f"must be a number of GiB > 0, got {cfg.workspace_gib!r}", option="workspace_gib")
+    _check_image_options(cfg.limits)
     if cfg.tf32 and backend != "tensorrt":
         raise BuildError(f"sets how TensorRT builds fp32 engines; this build's backend is {backend}", option="tf32")
     if cfg.timing_cache is not None:
@@ -170,9 +204,14 @@ def compile_artifact(cfg: BuildConfig, on_graph: Callable[[str, str, Exported | 
 def _build(cfg: BuildConfig, out: Path, backend: str, on_graph) -> BuildResult:
     model = load_model(cfg.model, dtype=cfg.dtype)
     plan = resolve_plan(cfg.plan, model)
-    _check_limits(cfg, model.image_tokens)
-    graphs, chain = build_graphs(model, plan, cfg.limits.max_positions)
-    chain = replace(chain, bounds=cfg.limits)
+    lim = image_bounds(cfg.limits, model)
+    dynamic = lim.max_image_tokens > 0
+    _check_limits(cfg, lim, lim.max_image_tokens if dynamic else model.image_tokens)
+    # The saved processor resizes every image into the artifact's image-token range.
+    processor = model.family.bounded_processor(model, lim.min_image_tokens, lim.max_image_tokens) if dynamic \
+        else model.processor
+    graphs, chain = build_graphs(model, plan, lim.max_positions)
+    chain = replace(chain, bounds=lim)
 
     try:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
@@ -187,7 +226,7 @@ def _build(cfg: BuildConfig, out: Path, backend: str, on_graph) -> BuildResult:
         for name, module in graphs.items():
             if on_graph:
                 on_graph(name, "start", None)
-            e = export_graph(module, tmp / "onnx" / f"{name}.onnx", limits=cfg.limits, opset=cfg.opset,
+            e = export_graph(module, tmp / "onnx" / f"{name}.onnx", limits=lim, opset=cfg.opset,
                              image_token_id=chain.image_token_id, image_tokens=chain.image_tokens,
                              alive=alive.get(name, 0))
             problems = lint_model(e.path)
@@ -200,12 +239,11 @@ def _build(cfg: BuildConfig, out: Path, backend: str, on_graph) -> BuildResult:
                 inputs=[TensorInfo(**t.to_dict()) for t in spec.inputs],
                 outputs=[TensorInfo(**t.to_dict()) for t in spec.outputs],
                 phases=[PhaseInfo(name=p.name, dims={d: list(r) for d, r in p.dims.items()})
-                        for p in spec.ranges(cfg.limits)],
+                        for p in spec.ranges(lim)],
             )
             exported.append(e)
             if on_graph:
                 on_graph(name, "done", e)
-        lim = cfg.limits
         engines, trt_version = {}, None
         if backend == "tensorrt":
             import tensorrt
@@ -216,7 +254,7 @@ def _build(cfg: BuildConfig, out: Path, backend: str, on_graph) -> BuildResult:
                                     timing_cache=cfg.timing_cache,
                                     on_graph=on_graph and (lambda n, _p: on_graph(n, "engine", None)))
             trt_version = tensorrt.__version__
-        model.processor.save_pretrained(tmp / "processor")
+        save_processor(processor, tmp / "processor")
         manifest = Manifest(
             format=ARTIFACT_FORMAT,
             producer=_producer(),
@@ -226,7 +264,8 @@ def _build(cfg: BuildConfig, out: Path, backend: str, on_graph) -> BuildResult:
             build=BuildOptions(backend=backend, dtype=cfg.dtype, opset=cfg.opset, max_batch=lim.max_batch,
                                max_prompt=lim.max_prompt, max_new_tokens=lim.max_new_tokens,
                                workspace_gib=cfg.workspace_gib if backend == "tensorrt" else None,
-                               tf32=cfg.tf32 if backend == "tensorrt" else None),
+                               tf32=cfg.tf32 if backend == "tensorrt" else None,
+                               min_image_tokens=lim.min_image_tokens, max_image_tokens=lim.max_image_tokens),
             graphs=infos,
             files=file_table(tmp),
             engines=engines,

@@ -21,7 +21,7 @@ from torch import nn
 from torch.export import Dim
 
 from btp.graphs import GraphSpec
-from btp.graphs.spec import TOTAL
+from btp.graphs.spec import PATCHES, TOTAL
 from btp.runtime.chain import Bounds
 
 from .loops import expand_fill_loops, fill_translation
@@ -61,8 +61,11 @@ def _traced(spec: GraphSpec, bounds: Bounds) -> dict[str, tuple[int, int]]:
 
 
 def _dims(spec: GraphSpec, bounds: Bounds) -> dict[str, object]:
-    dims: dict[str, object] = {d: Dim(d, min=lo, max=hi) for d, (lo, hi) in _traced(spec, bounds).items()}
+    ranges = _traced(spec, bounds)
+    dims: dict[str, object] = {d: Dim(d, min=lo, max=hi) for d, (lo, hi) in ranges.items()}
     dims[TOTAL] = Dim.AUTO
+    if PATCHES in dims:  # a fixed number of patches merge into each image token
+        dims[PATCHES] = dims["image_tokens"] * (ranges[PATCHES][0] // ranges["image_tokens"][0])
     return dims
 
 
@@ -78,6 +81,8 @@ def example_inputs(spec: GraphSpec, bounds: Bounds, image_token_id: int, image_t
 
     sizes = {"batch": pick("batch", 2), "seq": pick("seq", seq), "past": pick("past", 3), "image_tokens": image_tokens}
     sizes[TOTAL] = sizes["past"] + sizes["seq"]
+    if PATCHES in ranges:  # patches of one image: a fixed number merged into each image token
+        sizes[PATCHES] = image_tokens * (ranges[PATCHES][0] // ranges["image_tokens"][0])
     g = torch.Generator().manual_seed(0)
     out = []
     for t in spec.inputs:
@@ -91,6 +96,10 @@ def example_inputs(spec: GraphSpec, bounds: Bounds, image_token_id: int, image_t
             x = torch.ones(shape, dtype=torch.int64)
         elif t.name == "image_start":
             x = torch.arange(1, shape[0] + 1)
+        elif t.name in ("window_index", "window_inverse"):
+            x = torch.arange(shape[0]).flip(0)  # a permutation and its own inverse
+        elif t.name in ("vision_position_ids", "window_ids"):
+            x = torch.randint(0, 4, shape, generator=g)
         elif t.dtype.is_floating_point:
             x = (torch.randn(shape, generator=g) * 0.1).to(t.dtype)
         else:

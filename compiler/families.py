@@ -30,6 +30,10 @@ class Family(Protocol):
 
     def geometry(self, model) -> tuple[int, tuple[int, int]]: ...
 
+    def image_token_range(self, model) -> tuple[int, int] | None: ...
+
+    def bounded_processor(self, model, lo: int, hi: int): ...
+
     def input_fields(self, config) -> dict: ...
 
     def vision(self, model: nn.Module, dtype: torch.dtype) -> VisionGraph: ...
@@ -83,6 +87,14 @@ class LlavaFamily:
         vision = model.config.vision_config
         side = vision.image_size // vision.patch_size
         return int(vision.image_size), (side, side)
+
+    def image_token_range(self, model) -> None:
+        """None: every image has the vision config's fixed token count."""
+        return None
+
+    def bounded_processor(self, model, lo: int, hi: int):
+        raise ModelError(f"{self.name} has a fixed {model.image_tokens} image tokens per image; an image-token "
+                         f"range ({lo}..{hi}) applies only to families whose count follows the image's size")
 
     def input_fields(self, config) -> dict:
         """The `ChainSpec` fields of its input preparation: none beyond `family`."""

@@ -4,10 +4,12 @@ Qwen2 text model with M-RoPE) -> the `graphs` modules, and the host-side input p
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from torch import nn
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+from btp.artifact.processor import PARTS, assemble, load_processor
 from btp.graphs import DecoderLayer, EmbedGraph, HeadGraph, RMSNorm
 from btp.graphs.layers import MRotaryTable
 from btp.graphs.qwen_vision import QwenVisionGraph
@@ -42,7 +44,9 @@ class Qwen25VLFamily:
 
     def load_processor(self, source: str):
         """The checkpoint's processor; without torchvision, its image processor and tokenizer assembled into the
-        same `Qwen2_5_VLProcessor` (see `btp.toy.qwen.make_processor`)."""
+        same `Qwen2_5_VLProcessor` (see `btp.toy.qwen.make_processor`); an artifact's, as `btp.artifact` saved it."""
+        if (Path(source) / PARTS).is_file():
+            return load_processor(source)
         try:
             return AutoProcessor.from_pretrained(source)
         except (ImportError, AttributeError, TypeError):
@@ -62,6 +66,24 @@ class Qwen25VLFamily:
         cell = ip.patch_size * ip.merge_size
         side = math.isqrt(ip.size["longest_edge"] // (cell * cell))
         return side * cell, (side, side)
+
+    def image_token_range(self, model) -> tuple[int, int]:
+        """(min, max) image tokens of one image under the processor's pixel bounds (`size`, transformers 5: its
+        `shortest_edge` and `longest_edge` are the least and most pixels), one token a `cell x cell` square."""
+        ip = model.processor.image_processor
+        cell = ip.patch_size * ip.merge_size
+        return -(-ip.size["shortest_edge"] // (cell * cell)), ip.size["longest_edge"] // (cell * cell)
+
+    def bounded_processor(self, model, lo: int, hi: int):
+        """The model's processor with an image processor that resizes every image to `lo..hi` image tokens."""
+        proc = model.processor
+        ip = proc.image_processor
+        cell = ip.patch_size * ip.merge_size
+        size = {"shortest_edge": lo * cell * cell, "longest_edge": hi * cell * cell}
+        bounded = type(ip).from_dict({**ip.to_dict(), "size": size})
+        return assemble(type(proc), bounded, proc.tokenizer, proc.chat_template) if proc.video_processor is None \
+            else type(proc)(image_processor=bounded, tokenizer=proc.tokenizer, video_processor=proc.video_processor,
+                            chat_template=proc.chat_template)
 
     def input_fields(self, config) -> dict:
         """The `ChainSpec` fields of its input preparation (`btp.runtime.qwen`): merge and window sizes."""

@@ -76,23 +76,28 @@ def prune_phases(image_tokens: int, alive: int) -> PhaseRule:
 
 
 def embed_phases(image_tokens: int) -> PhaseRule:
-    """The embedding: the whole prompt with its image features, then one token without."""
+    """The embedding: the whole prompt with its image features (the fixed `image_tokens`, or each image's count
+    within the bounds' image-token range where they have one), then one token without."""
 
     def rule(b: BoundsLike) -> tuple[Phase, ...]:
         batch = (1, 1, b.max_batch)
+        lo, hi = getattr(b, "min_image_tokens", 0), getattr(b, "max_image_tokens", 0)
+        lo, hi = (lo, hi) if lo and hi else (image_tokens, image_tokens)
         return (Phase("prefill", {BATCH: batch, SEQ: (1, b.max_prompt // 2, b.max_prompt),
-                                  IMAGES: (image_tokens, image_tokens, image_tokens)}),
+                                  IMAGES: (lo, max(lo, hi // 2), hi)}),
                 Phase("decode", {BATCH: batch, SEQ: (1, 1, 1), IMAGES: (0, 0, 0)}))
 
     return rule
 
 
 def patch_phases(min_tokens: int, max_tokens: int, unit: int) -> PhaseRule:
-    """A vision graph over flattened patches (Qwen2.5-VL): images of `min_tokens..max_tokens` image tokens,
-    `unit` patches merged into each."""
+    """A vision graph over flattened patches (Qwen2.5-VL): images of the bounds' image-token range (where they
+    have none, `min_tokens..max_tokens`), `unit` patches merged into each."""
 
     def rule(b: BoundsLike) -> tuple[Phase, ...]:
-        tokens = (min_tokens, max(min_tokens, max_tokens // 2), max_tokens)
+        lo, hi = getattr(b, "min_image_tokens", 0), getattr(b, "max_image_tokens", 0)
+        lo, hi = (lo, hi) if lo and hi else (min_tokens, max_tokens)
+        tokens = (lo, max(lo, hi // 2), hi)
         patches = tuple(unit * t for t in tokens)
         return (Phase("prefill", {BATCH: (1, 1, b.max_batch), IMAGES: tokens, PATCHES: patches}),)
 

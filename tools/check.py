@@ -331,6 +331,9 @@ def check_artifact(out: str | Path, images, prompts, steps: int = 8, save: Path 
     plan = Plan.parse(manifest.plan, source=f"{root}/manifest.json plan")
     ref = reference_pipeline(model, plan, max_positions=manifest.chain.max_positions)
     pipe = Pipeline.load(root)
+    # The artifact's processor on both sides: it resizes images into the artifact's image-token range, which may
+    # be narrower than the model's own processor's.
+    ref.processor = pipe.processor
     feeds = capture_feeds(ref, [([i], [p]) for i, p in zip(images, prompts)], steps)
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)

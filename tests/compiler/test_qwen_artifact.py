@@ -1,0 +1,189 @@
+"""A compiled builtin:tiny-qwen2.5-vl artifact (plan none): image-token bounds, the processor saved without
+torchvision, every exported graph against its torch module, the ONNX Runtime pipeline against the reference on
+three image sizes with one artifact, and btp-check."""
+
+import json
+import shutil
+
+import onnx
+import pytest
+from onnx import numpy_helper
+from PIL import Image
+
+from btp.artifact.manifest import MANIFEST, file_table, read_manifest
+from btp.artifact.processor import PARTS, load_processor, save_processor
+from btp.cli import check as check_cli
+from btp.cli import compile as compile_cli
+from btp.compiler import reference_pipeline
+from btp.compiler.build import BuildConfig, compile_artifact, image_bounds
+from btp.compiler.export import Limits
+from btp.compiler.families import FAMILIES
+from btp.compiler.trt_lint import lint_model
+from btp.compiler.trt_profiles import manifest_profiles
+from btp.runtime import Pipeline
+from btp.runtime.errors import ArtifactError, BuildError
+from btp.tools.check import capture_feeds, compare_graph
+
+LIMITS = Limits(max_batch=2, max_prompt=160, max_new_tokens=16)
+SIDES = {4: 56, 16: 112, 64: 224}  # image tokens -> the square image's side in pixels (28 pixels a token)
+PROMPTS = ["What is shown?", "Describe the colours and the shapes you see."]
+STEPS = 12
+
+
+def _image(side: int, seed: int = 0) -> Image.Image:
+    img = Image.linear_gradient("L").rotate(37 * seed).resize((side, side)).convert("RGB")
+    return Image.merge("RGB", (img.getchannel(0), img.getchannel(1).transpose(Image.FLIP_LEFT_RIGHT),
+                               img.getchannel(2).transpose(Image.FLIP_TOP_BOTTOM)))
+
+
+@pytest.fixture(scope="module")
+def qwen_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen") / "none"
+    compile_artifact(BuildConfig(model="builtin:tiny-qwen2.5-vl", plan="none", out=out, backend="onnxruntime",
+                                 limits=LIMITS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen, qwen_artifact):
+    ref = reference_pipeline(tiny_qwen, "none", max_positions=LIMITS.max_positions)
+    ref.processor = load_processor(qwen_artifact / "processor")
+    return ref
+
+
+def test_manifest_records_the_image_token_bounds_and_the_profiles_span_them(qwen_artifact):
+    manifest = read_manifest(qwen_artifact)
+    b = manifest.build
+    assert (b.min_image_tokens, b.max_image_tokens) == (4, 64)  # the processor's own bounds
+    assert manifest.build.bounds.max_image_tokens == 64 and manifest.chain.family == "qwen2_5_vl"
+    (vision,) = manifest_profiles(manifest, "vision")
+    assert vision["window_index"] == ([4], [32], [64])
+    assert vision["pixel_values"] == ([1, 16, 1176], [1, 128, 1176], [2, 256, 1176])
+    prefill, decode = manifest_profiles(manifest, "embed")
+    assert prefill["image_features"] == ([1, 4, 64], [1, 32, 64], [2, 64, 64])
+    assert decode["image_features"][2] == [2, 0, 64]
+    stage_prefill, _ = manifest_profiles(manifest, "stage0")
+    assert stage_prefill["position_ids"][2] == [3, 2, 160]
+    for name, info in manifest.graphs.items():
+        model = onnx.load(str(qwen_artifact / info.file), load_external_data=False)
+        declared = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                    for v in model.graph.input}
+        assert all(declared[t.name] == t.shape for t in info.inputs), name
+        assert lint_model(qwen_artifact / info.file) == [], name  # what TensorRT's parser would reject
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d["build"].update(min_image_tokens=65), r"build image tokens 65..64: expected 0..0"),
+    (lambda d: d["build"].update(max_image_tokens=160), r"1 <= min <= max < max_prompt \(160\)"),
+    (lambda d: d["chain"].update(window_tokens="3"), "chain window_tokens: expected int, found '3'"),
+    (lambda d: d["chain"].update(colour=1), r"unknown chain field\(s\) \['colour'\]"),
+])
+def test_the_manifest_checks_the_image_token_bounds_and_the_family_fields(qwen_artifact, tmp_path, edit, message):
+    root = tmp_path / "art"
+    shutil.copytree(qwen_artifact, root)
+    doc = json.loads((root / MANIFEST).read_text())
+    edit(doc)
+    (root / MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match=message):
+        read_manifest(root)
+
+
+def test_the_processor_is_saved_without_torchvision_and_loads_back(tiny_qwen, qwen_artifact, tmp_path):
+    saved = qwen_artifact / "processor"
+    for loaded in (load_processor(saved), FAMILIES["qwen2_5_vl"].load_processor(str(saved)),
+                   Pipeline.load(qwen_artifact).processor):
+        assert type(loaded) is type(tiny_qwen.processor) and loaded.chat_template == tiny_qwen.processor.chat_template
+        text = loaded.tokenizer.decode(loaded.tokenizer("<|image_pad|> hi").input_ids)
+        assert text == "<|image_pad|> hi"
+        a = loaded(images=[_image(100)], text=["<|image_pad|> hi"], return_tensors="pt")
+        b = tiny_qwen.processor(images=[_image(100)], text=["<|image_pad|> hi"], return_tensors="pt")
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    # Narrower bounds: the saved image processor's pixel bounds follow them, and every image lands inside.
+    bounded = FAMILIES["qwen2_5_vl"].bounded_processor(tiny_qwen, 9, 20)
+    save_processor(bounded, tmp_path / "p")
+    assert (tmp_path / "p" / PARTS).is_file()
+    config = json.loads((tmp_path / "p" / "preprocessor_config.json").read_text())
+    assert config["size"] == {"shortest_edge": 9 * 28 * 28, "longest_edge": 20 * 28 * 28}
+    again = load_processor(tmp_path / "p")
+    for w, h in ((30, 30), (500, 90), (224, 224), (60, 200)):
+        t, gh, gw = again.image_processor(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0]
+        assert 9 <= int(gh * gw) // 4 <= 20, (w, h)
+
+
+def test_image_token_bounds_are_checked(tiny, tiny_qwen):
+    assert image_bounds(Limits(), tiny_qwen) == Limits(min_image_tokens=4, max_image_tokens=64)
+    assert image_bounds(Limits(min_image_tokens=16), tiny_qwen).max_image_tokens == 64
+    for lim, match in ((Limits(min_image_tokens=2), "min_image_tokens must be within the 4..64"),
+                       (Limits(max_image_tokens=65), "max_image_tokens must be within the 4..64"),
+                       (Limits(min_image_tokens=40, max_image_tokens=30),
+                        r"min_image_tokens must not exceed the maximum image tokens \(30\), got 40")):
+        with pytest.raises(BuildError, match=match):
+            image_bounds(lim, tiny_qwen)
+    with pytest.raises(BuildError, match="max_image_tokens applies to models whose image-token count follows the "
+                                         r"image's size; builtin:tiny-llava \(llava\) has a fixed 64 image tokens"):
+        image_bounds(Limits(max_image_tokens=16), tiny)
+    assert image_bounds(Limits(), tiny) == Limits()
+
+
+@pytest.mark.parametrize(("model", "flags", "message"), [
+    ("builtin:tiny-qwen2.5-vl", ["--max-image-tokens", "65"],
+     "--max-image-tokens must be within the 4..64 image tokens builtin:tiny-qwen2.5-vl's processor makes, got 65"),
+    ("builtin:tiny-qwen2.5-vl", ["--min-image-tokens", "30", "--max-image-tokens", "20"],
+     "--min-image-tokens must not exceed the maximum image tokens (20), got 30"),
+    ("builtin:tiny-llava", ["--min-image-tokens", "8"], "--min-image-tokens applies to models whose image-token count"),
+])
+def test_compile_refuses_bad_image_token_bounds_with_one_line(model, flags, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert compile_cli.main([model, "--plan", "none", "-o", str(out), "--backend", "onnxruntime", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"btp-compile: error: {message}") and "\n" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_every_graph_equals_its_torch_module_on_captured_inputs(qwen_artifact, reference):
+    batches = [([_image(SIDES[n], i)], PROMPTS[:1]) for i, n in enumerate(SIDES)]
+    batches.append(([_image(112, 1), _image(112, 2)], PROMPTS))
+    feeds = capture_feeds(reference, batches, 3)
+    images = sorted({f["window_index"].shape[0] for f in feeds["vision"]})
+    assert images == [4, 16, 64]
+    manifest = read_manifest(qwen_artifact)
+    for name, info in manifest.graphs.items():
+        report = compare_graph(name, reference.engines[name], qwen_artifact / info.file, feeds[name], "float32")
+        assert report.passed, (name, report.failures)
+        assert max(report.worst.values()) <= 1e-4, (name, report.worst)
+
+
+@pytest.mark.parametrize("tokens", sorted(SIDES))
+def test_pipeline_gives_the_reference_tokens_at_every_image_size(qwen_artifact, reference, tokens):
+    pipe = Pipeline.load(qwen_artifact)
+    side = SIDES[tokens]
+    for images, prompts in (([_image(side)], PROMPTS[:1]), ([_image(side, 1), _image(side, 2)], PROMPTS)):
+        ours = pipe.generate(images, prompts, max_new_tokens=STEPS)
+        theirs = reference.generate(images, prompts, max_new_tokens=STEPS)
+        assert ours.token_ids == theirs.token_ids
+        assert ours.kept_indices == theirs.kept_indices
+        assert all(len(p) == len(q) for p, q in zip(ours.prompt_ids, theirs.prompt_ids))
+
+
+def test_btp_check_passes_and_fails_naming_graph_and_output_when_perturbed(qwen_artifact, tmp_path, capsys):
+    assert check_cli.main([str(qwen_artifact), "--samples", "2", "--max-new-tokens", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["tokens"]["mean"] == 1.0
+    assert {g["graph"] for g in report["graphs"]} == {"vision", "embed", "stage0", "head"}
+    root = tmp_path / "art"
+    shutil.copytree(qwen_artifact, root)
+    path = root / "onnx" / "head.onnx"
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.ndim == 2:  # the LM head weight, 1% larger
+            init.CopyFrom(numpy_helper.from_array((arr * 1.01).astype(arr.dtype), init.name))
+    onnx.save(model, str(path))
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["files"] = {k: v.model_dump() for k, v in file_table(root).items()}
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    assert check_cli.main([str(root), "--samples", "1", "--max-new-tokens", "2", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    failing = [g for g in report["graphs"] if not g["passed"]]
+    assert [g["graph"] for g in failing] == ["head"]
+    assert failing[0]["failures"][0].startswith("onnxruntime: logits")
