@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from btp.graphs.selection import share_count
 from btp.runtime.errors import PlanError
 
 from .cost import decoder_flops
@@ -29,6 +30,10 @@ class Stage(BaseModel):
     rebalance toward indices below `keep`, and at the first stage the union of seeds, attention picks over all
     tokens and a from-scratch diversity pick, filled by diversity to `keep`. `lambda` is always the attention
     share of the non-spatial picks, `attention / (keep - spatial)`, whatever a document stored (None at keep 0).
+
+    `share` (plans of families whose image-token count N follows the image's size): the keep at N is
+    `share_count(N, share)` = N * round(share * 10^4) // 10^4, and the attention picks `keep(N) * attention // keep`;
+    `keep` and `attention` are then the counts at the plan's nominal `model.image_tokens`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -41,6 +46,7 @@ class Stage(BaseModel):
     rebalance: bool = False
     lambda_: float | None = Field(None, alias="lambda", ge=0.0, le=1.0)
     selection: Literal["exclusive", "released"] = "exclusive"
+    share: float | None = Field(None, ge=0.0, lt=1.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _derived_lambda(self) -> Stage:
@@ -58,6 +64,13 @@ class Stage(BaseModel):
             return max(self.attention, math.floor(self.rho * self.attention + 1e-9))
         return max(self.attention, math.ceil(self.rho * self.attention - 1e-9))
 
+    def counts(self, n: int) -> tuple[int, int]:
+        """(keep, attention) at `n` image tokens: the stored counts, or for a `share` stage its counts at `n`."""
+        if self.share is None:
+            return self.keep, self.attention
+        keep = share_count(n, self.share)
+        return keep, (keep * self.attention // self.keep if self.keep else 0)
+
 
 class ModelInfo(BaseModel):
     """The model a plan was made for."""
@@ -69,6 +82,9 @@ class ModelInfo(BaseModel):
     image_tokens: int = Field(ge=1)
     grid: tuple[PositiveInt, PositiveInt]
     fingerprint: str
+    # The image-token count follows the image's size (Qwen2.5-VL): `image_tokens` and `grid` are nominal (the
+    # largest square image) and every stage states its keep as a `share`.
+    dynamic: bool = False
 
     @model_validator(mode="after")
     def _grid_matches(self) -> ModelInfo:
@@ -115,6 +131,17 @@ class Plan(BaseModel):
                                  f"got {s.keep}")
             if s.spatial + s.attention > s.keep:
                 raise ValueError(f"{at}: spatial + attention ({s.spatial} + {s.attention}) exceeds keep ({s.keep})")
+            if m.dynamic and s.share is None:
+                raise ValueError(f"{at}.share: the model's image-token count follows the image's size, so every "
+                                 "stage states its keep as a share of the image tokens; found none")
+            if not m.dynamic and s.share is not None:
+                raise ValueError(f"{at}.share: the model has a fixed {m.image_tokens} image tokens; expected a keep "
+                                 f"count without a share, found share {s.share}")
+            if s.share is not None and s.keep != share_count(m.image_tokens, s.share):
+                raise ValueError(f"{at}.keep: share {s.share} keeps {share_count(m.image_tokens, s.share)} of "
+                                 f"{m.image_tokens} image tokens, but keep says {s.keep}")
+            if s.share is not None and s.spatial:
+                raise ValueError(f"{at}.spatial: spatial seeds need a fixed square grid; a share stage has none")
             if s.spatial and i:
                 raise ValueError(f"{at}.spatial: spatial seeds are only allowed at the first stage")
             if s.spatial and m.grid[0] != m.grid[1]:
@@ -167,6 +194,14 @@ class Plan(BaseModel):
         Path(path).write_text(self.to_json())
 
     # ------------------------------------------------------------------------------------ numbers
+    @property
+    def dynamic(self) -> bool:
+        return self.model.dynamic
+
+    def stage_counts(self, n: int) -> list[tuple[int, int]]:
+        """Per stage, (keep, attention) at `n` image tokens (a fixed-size plan: its counts, whatever `n`)."""
+        return [s.counts(n) for s in self.stages]
+
     def layer_tokens(self) -> list[int]:
         """Image tokens alive in each decoder layer, `[num_layers]`."""
         counts, alive, stages = [], self.model.image_tokens, list(self.stages)
@@ -187,7 +222,7 @@ class Plan(BaseModel):
 
     def check_model(self, info: ModelInfo) -> None:
         """Raise `PlanError` when this plan was made for another model than `info`."""
-        for field in ("family", "num_layers", "image_tokens", "grid"):
+        for field in ("family", "num_layers", "image_tokens", "grid", "dynamic"):
             mine, theirs = getattr(self.model, field), getattr(info, field)
             if mine != theirs:
                 raise PlanError(f"model.{field}: the plan is for {mine!r}, the model has {theirs!r}")

@@ -13,9 +13,16 @@ Why the extra rules matter for btp:
 * opset 17..20: 17 is the first opset with LayerNormalization, 20 is the newest the TensorRT 10 parser reads.
 * The runtime builds engines with static shapes and binds fixed buffers; it never installs an output allocator.
   So NonZero / NonMaxSuppression (output size depends on data) are rejected even where the parser could import them.
-* TopK: ITopKLayer only returns sorted results and caps K at 3840; K must also be a build-time constant so the
-  number of kept tokens, and every shape after pruning, is known when the engine is built.
-* Loop: scan outputs of dynamic length are rejected by the parser, and a run-time trip count makes shapes dynamic.
+* TopK: ITopKLayer only returns sorted results and caps K at 3840. K is a build-time constant, or (the prune graphs
+  of a plan of shares, whose kept counts follow the image's token count) a *shape value*: computed from the graph
+  inputs' dims only (Shape, constants and integer arithmetic on them). Why a shape-derived K rather than one engine
+  per image size: the TopK importer has passed a non-initializer K to the layer since TensorRT 8.6
+  (``layer->setInput(1, *convertToScalar(ctx, K))``, 10.x ``DEFINE_BUILTIN_OP_IMPORTER(TopK)``), and a K computed
+  from dims is a shape tensor, so every shape after pruning is an expression TensorRT evaluates from the input
+  dims when a context's shapes are set; nothing depends on the data and one engine covers the whole image-token
+  range of its profiles. A K that depends on tensor *values* is rejected: its output would need an allocator.
+* Loop: scan outputs of dynamic length are rejected by the parser. The trip count is a constant or, as K, a shape
+  value (the importer casts it to INT32 for ``addTripLimit(kCOUNT)``, which needs it before the loop starts).
 * CumSum's axis must be an initializer and Range's start/limit/delta must be 0-d tensors for the parser.
 * No fp64: TensorRT has no double kernels and silently casts DOUBLE down to FLOAT (clamping), which would make the
   engine disagree with the PyTorch reference.
@@ -135,6 +142,7 @@ class _Linter:
         self.base_dir = base_dir
         self.types: dict[str, tuple[int, int | None]] = {}  # value name -> (elem_type, rank or None)
         self.shapes: dict[str, tuple[int | None, ...]] = {}  # value name -> dims (None where symbolic or unknown)
+        self.shape_values: set[str] = set()  # values computed from input dims and constants only
         self.opset = max((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), default=0)
         try:  # inferred types only feed the lookups (Range ranks, CastLike targets); violations come from `model`
             inferred = onnx.shape_inference.infer_shapes(model)
@@ -180,6 +188,8 @@ class _Linter:
             self.check_node(node, consts)
             if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and node.output:
                 consts[node.output[0]] = _constant_tensor(node)
+            elif _shape_value(node, lambda x: x in consts or x in self.shape_values):
+                self.shape_values.update(node.output)
         self._check_values(graph.value_info, "value_info entry")
         self._check_values(graph.output, "graph output")
 
@@ -209,9 +219,11 @@ class _Linter:
             if "sorted" in attrs and attrs["sorted"].i != 1:
                 self.flag(name, op, f"expected sorted=1, found sorted={attrs['sorted'].i}")
             k = ins[1] if len(ins) > 1 else ""
-            if k not in consts:
-                self.flag(name, op, f"expected K to be a build-time constant, found run-time value '{k}'")
-            elif (value := self._small_value(consts[k])) is not None and int(value.reshape(-1)[0]) > MAX_TOPK_K:
+            if k not in consts and k not in self.shape_values:
+                self.flag(name, op, f"expected K to be a build-time constant or computed from input dims only, "
+                                    f"found '{k}', which depends on tensor values")
+            elif k in consts and (value := self._small_value(consts[k])) is not None and \
+                    int(value.reshape(-1)[0]) > MAX_TOPK_K:
                 self.flag(name, op, f"expected K <= {MAX_TOPK_K}, found K={int(value.reshape(-1)[0])}")
         elif op == "Loop":
             self._check_loop(name, node, ins, consts)
@@ -275,8 +287,11 @@ class _Linter:
         usable_trip = bool(trip)
         if not trip:
             self.flag(name, op, "expected a constant trip count M, found none (a condition-only loop)")
+        elif trip in self.shape_values:
+            pass  # computed from input dims: known when the context's shapes are set, before the loop starts
         elif trip not in consts:
-            self.flag(name, op, f"expected a constant trip count M, found run-time value '{trip}'")
+            self.flag(name, op, f"expected a constant trip count M or one computed from input dims only, found "
+                                f"'{trip}', which depends on tensor values")
         else:
             value = self._small_value(consts[trip])
             if value is not None and consts[trip].data_type == TensorProto.INT64 and value.size and \
@@ -371,6 +386,22 @@ class _Linter:
             return numpy_helper.to_array(tensor, base_dir=os.fspath(self.base_dir or ""))
         except Exception:  # missing/unreadable data file (onnx raises ValidationError, OSError, ...): value unknown
             return None
+
+
+# Ops whose output is a shape value when every input is one (or a constant): TensorRT's shape-tensor arithmetic.
+_SHAPE_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Min", "Max", "Gather", "Reshape",
+                               "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice", "Identity", "Equal", "Less",
+                               "Greater", "Where"})
+
+
+def _shape_value(node: onnx.NodeProto, known) -> bool:
+    """Whether `node`'s outputs are computed from input dims only: a Shape/Size, or shape arithmetic on such values
+    and constants (`known(name)`)."""
+    if node.domain not in DEFAULT_DOMAINS:
+        return False
+    if node.op_type in ("Shape", "Size"):
+        return True
+    return node.op_type in _SHAPE_ARITHMETIC and all(known(x) for x in node.input if x)
 
 
 def _constant_tensor(node: onnx.NodeProto) -> TensorProto:

@@ -34,6 +34,8 @@ class StageGraph(nn.Module):
         final: bool = False,
         image_tokens: int = 0,
         alive: int | None = None,
+        alive_share: float | None = None,
+        shares: bool = False,
     ):
         super().__init__()
         if score_mode not in (None, "logits", "probs"):
@@ -48,6 +50,8 @@ class StageGraph(nn.Module):
         self.final = final
         self.image_tokens = image_tokens  # N0 of the model, and the image tokens alive in this stage
         self.alive = image_tokens if alive is None else alive
+        # A plan of shares: `alive_share` of each image's tokens live here (all when None), whatever their count.
+        self.alive_share, self.shares = alive_share, shares
 
     @property
     def layer_ids(self) -> list[int]:
@@ -70,7 +74,8 @@ class StageGraph(nn.Module):
                 outputs.append(TensorSpec(present_name(i, kind), self.dtype, present))
         if self.score_mode is not None:
             outputs.append(TensorSpec("scores", torch.float32, (BATCH, TOTAL)))
-        return GraphSpec(self.name, tuple(inputs), tuple(outputs), stage_phases(self.image_tokens, self.alive))
+        phases = stage_phases(self.image_tokens, self.alive, self.alive_share, self.shares)
+        return GraphSpec(self.name, tuple(inputs), tuple(outputs), phases)
 
     def forward(self, inputs_embeds, position_ids, attention_mask, *past_key_values):
         """See the class docstring; `past_key_values` alternates key, value per layer in layer order."""
