@@ -53,9 +53,12 @@ def _masked_hf_logits(model, enc, positions, per_layer, image_start, tokens, ste
     return logits
 
 
-@pytest.mark.parametrize("preset,batch", [("fastv", 1), ("pdrop", 2), ("divprune", 2)])
-def test_pruned_chain_equals_masked_hugging_face(tiny_qwen, preset, batch):
-    images = [Image.linear_gradient("L").resize((224, 224)).convert("RGB")] * batch  # 8x8 = 64 image tokens
+# (preset, batch, image size): the keeps are shares of each image's tokens, 64 (8x8), 32 (4x8) or 24 (6x4).
+@pytest.mark.parametrize("preset,batch,size", [("btp", 1, (224, 224)), ("btp", 2, (224, 112)), ("pdrop", 2, (224, 224)),
+                                               ("pdrop", 1, (112, 168)), ("fastv", 1, (224, 112)),
+                                               ("divprune", 2, (224, 224))])
+def test_pruned_chain_equals_masked_hugging_face(tiny_qwen, preset, batch, size):
+    images = [Image.linear_gradient("L").resize(size).convert("RGB")] * batch
     pipe = reference_pipeline(tiny_qwen, preset)
     out = pipe.generate(images, PROMPTS[:batch], max_new_tokens=STEPS, output_logits=True)
     inp = pipe.prepare(images, PROMPTS[:batch])
