@@ -9,7 +9,7 @@ from btp.runtime import names
 
 def test_every_graph_io_name_is_a_runtime_constant_and_every_constant_is_used(tiny, tiny_qwen):
     used = set()
-    for model, preset in ((tiny, "btp"), (tiny, "fastv"), (tiny, "divprune"), (tiny_qwen, "none")):
+    for model, preset in ((tiny, "btp"), (tiny, "fastv"), (tiny, "divprune"), (tiny_qwen, "none"), (tiny_qwen, "btp")):
         graphs, chain = build_graphs(model, resolve_plan(preset, model), 512)
         assert {names.VISION, names.EMBED, names.HEAD} <= set(graphs)
         for module in graphs.values():
