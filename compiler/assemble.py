@@ -6,6 +6,7 @@ from torch import nn
 
 from btp.graphs import PruneGraph, Recipe, StageGraph, spatial_seeds
 from btp.runtime.chain import ChainSpec, StageLayout
+from btp.runtime.errors import PlanError
 
 from .plan import Plan
 
@@ -26,15 +27,31 @@ def stage_layout(plan: Plan, every_layer: bool = False) -> list[StageLayout]:
 
 
 def recipes(plan: Plan) -> list[Recipe]:
-    """One static selection recipe per plan stage, in order."""
-    out, alive = [], plan.model.image_tokens
+    """One selection recipe per plan stage, in order: static counts, or a plan of shares' counts of N0."""
+    out, alive, alive_share = [], plan.model.image_tokens, None
     for i, s in enumerate(plan.stages):
         seeds = spatial_seeds(plan.model.grid[0], s.spatial, plan.spatial_metric) if s.spatial else ()
         released = s.selection == "released"
         out.append(Recipe(alive=alive, keep=s.keep, seeds=seeds, attention=s.attention, rho=s.rho,
-                          rebalance=s.rebalance, released=released, union=released and i == 0 and s.keep > 0))
-        alive = s.keep
+                          rebalance=s.rebalance, released=released, union=released and i == 0 and s.keep > 0,
+                          share=s.share, alive_share=alive_share))
+        alive, alive_share = s.keep, s.share
     return out
+
+
+def check_image_range(plan: Plan, lo: int, hi: int) -> None:
+    """Raise `PlanError` unless a plan of shares makes a valid selection at every image-token count in
+    `[lo, hi]`: keeps that do not grow, candidate pools no larger than the tokens they rank."""
+    if not plan.dynamic:
+        return
+    for n in range(lo, hi + 1):
+        for i, r in enumerate(recipes(plan)):
+            c = r.at(n)
+            room = c.alive if r.union else c.alive - len(r.seeds)
+            if c.keep > c.alive or c.candidates > room:
+                raise PlanError(f"stages[{i}]: at {n} image tokens the plan keeps {c.keep} of {c.alive} with "
+                                f"{c.candidates} attention candidates of the {room} tokens they rank; expected "
+                                "keep and candidates within the tokens alive (narrow --min-image-tokens)")
 
 
 def build_graphs(model, plan: Plan, max_positions: int | None = None,
@@ -50,6 +67,8 @@ def build_graphs(model, plan: Plan, max_positions: int | None = None,
     rotary = fam.rotary(hf, max_positions)
     layout = stage_layout(plan, every_layer=per_layer)
     recipe_of = dict(zip((s.prune for s in layout if s.prune), recipes(plan)))
+    shares, alive_share = plan.dynamic, None
+    rows = rotary.position_dims[0] if len(rotary.position_dims) == 3 else 0  # M-RoPE: [3,B,T] position ids
     n0 = model.image_tokens
     graphs: dict[str, nn.Module] = {"vision": fam.vision(hf, dtype), "embed": fam.embed(hf, dtype)}
     graphs["embed"].image_tokens = n0  # the prefill range of its image_tokens dim
@@ -58,12 +77,13 @@ def build_graphs(model, plan: Plan, max_positions: int | None = None,
         wants_scores = nxt is not None and nxt.prune is not None and recipe_of[nxt.prune].attention > 0
         score_mode = "probs" if per_layer else (plan.score if wants_scores else None)
         if st.prune:
+            alive_share = recipe_of[st.prune].share
             graphs[st.prune] = PruneGraph(st.prune, recipe_of[st.prune], t.hidden_size, dtype, image_tokens=n0,
-                                          position_rows=len(rotary.position_dims) - 2)
+                                          position_rows=rows)
         graphs[st.name] = StageGraph(
             st.name, [layers[i] for i in st.layers], st.layers[0], rotary, t.num_key_value_heads, head_dim,
             t.hidden_size, dtype, score_mode=score_mode, final=nxt is None and not per_layer,
-            image_tokens=n0, alive=st.image_tokens,
+            image_tokens=n0, alive=st.image_tokens, alive_share=alive_share, shares=shares,
         )
     graphs["head"] = fam.head(hf, dtype)
     graphs["head"].all_rows = per_layer

@@ -24,7 +24,7 @@ from btp.graphs import GraphSpec
 from btp.graphs.spec import PATCHES, TOTAL
 from btp.runtime.chain import Bounds
 
-from .loops import expand_fill_loops, fill_translation
+from .loops import expand_fill_loops, fill_to_translation, fill_translation
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,11 @@ def example_inputs(spec: GraphSpec, bounds: Bounds, image_token_id: int, image_t
         lo, hi = ranges.get(dim, (want, want))
         return min(max(want, lo), hi)
 
-    sizes = {"batch": pick("batch", 2), "seq": pick("seq", seq), "past": pick("past", 3), "image_tokens": image_tokens}
+    sizes = {"batch": pick("batch", 2), "seq": pick("seq", seq), "past": pick("past", 3),
+             "image_tokens": pick("image_tokens", image_tokens)}  # within the build's image-token range
     sizes[TOTAL] = sizes["past"] + sizes["seq"]
     if PATCHES in ranges:  # patches of one image: a fixed number merged into each image token
-        sizes[PATCHES] = image_tokens * (ranges[PATCHES][0] // ranges["image_tokens"][0])
+        sizes[PATCHES] = sizes["image_tokens"] * (ranges[PATCHES][0] // ranges["image_tokens"][0])
     g = torch.Generator().manual_seed(0)
     out = []
     for t in spec.inputs:
@@ -100,6 +101,8 @@ def example_inputs(spec: GraphSpec, bounds: Bounds, image_token_id: int, image_t
             x = torch.arange(shape[0]).flip(0)  # a permutation and its own inverse
         elif t.name in ("vision_position_ids", "window_ids"):
             x = torch.randint(0, 4, shape, generator=g)
+        elif t.name == "image_span":
+            x = torch.arange(shape[0])
         elif t.dtype.is_floating_point:
             x = (torch.randn(shape, generator=g) * 0.1).to(t.dtype)
         else:
@@ -154,7 +157,8 @@ def export_graph(module: nn.Module, path: Path, *, limits: Limits, opset: int, i
             module, tuple(items), dynamo=True, opset_version=opset,
             input_names=spec.input_names, output_names=spec.output_names,
             dynamic_shapes=_structure(n_fixed, dyn), verbose=False,
-            custom_translation_table={torch.ops.btp.farthest_point_fill.default: fill_translation()},
+            custom_translation_table={torch.ops.btp.farthest_point_fill.default: fill_translation(),
+                                      torch.ops.btp.fill_to.default: fill_to_translation()},
         )
         external = _param_bytes(module) > EXTERNAL_DATA_BYTES
         program.save(str(path), external_data=external)

@@ -24,6 +24,7 @@ class Qwen25VLFamily:
 
     name = "qwen2_5_vl"
     model_class = Qwen2_5_VLForConditionalGeneration
+    dynamic = True  # the image-token count follows the image's size: plans state keeps as shares
 
     def accepts(self, config) -> bool:
         return getattr(config, "model_type", None) == "qwen2_5_vl"

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from .selection import share_count
+
 # Symbolic dims used in shapes. Derived dims are written as expressions, e.g. "seq - 288".
 BATCH = "batch"
 SEQ = "seq"
@@ -50,12 +52,30 @@ def _with_total(name: str, dims: dict[str, Range]) -> Phase:
     return Phase(name, dims)
 
 
-def stage_phases(image_tokens: int, alive: int) -> PhaseRule:
-    """A decoder stage with `alive` of the `image_tokens` image tokens: prefill over its pruned prompt (no past),
-    decode one token at a time over a past of up to that prompt plus the new tokens."""
+def image_range(b: BoundsLike, image_tokens: int) -> tuple[int, int]:
+    """The (min, max) image tokens of one image under `b`: its image-token bounds where it has them (families
+    whose count follows the image's size), else the model's fixed `image_tokens`."""
+    lo, hi = getattr(b, "min_image_tokens", 0), getattr(b, "max_image_tokens", 0)
+    return (lo, hi) if lo and hi else (image_tokens, image_tokens)
+
+
+def _alive_at(n: int, alive: int, share: float | None, shares: bool) -> int:
+    """Image tokens alive at `n` image tokens: the fixed `alive`, or a share of `n` (all of them when None)."""
+    if not shares:
+        return alive
+    return n if share is None else share_count(n, share)
+
+
+def stage_phases(image_tokens: int, alive: int, alive_share: float | None = None, shares: bool = False
+                 ) -> PhaseRule:
+    """A decoder stage with `alive` of the `image_tokens` image tokens (with `shares`: `alive_share` of each
+    image's, all when None): prefill over its pruned prompt (no past), decode one token at a time over a past of
+    up to that prompt plus the new tokens."""
 
     def rule(b: BoundsLike) -> tuple[Phase, ...]:
-        length = b.max_prompt - image_tokens + alive  # this stage's longest prefill sequence
+        lo, hi = image_range(b, image_tokens) if shares else (image_tokens, image_tokens)
+        # this stage's longest prefill sequence, over the image sizes
+        length = max(b.max_prompt - n + _alive_at(n, alive, alive_share, shares) for n in range(lo, hi + 1))
         opt = max(1, length // 2)
         batch = (1, 1, b.max_batch)
         return (_with_total("prefill", {BATCH: batch, SEQ: (1, opt, length), PAST: (0, 0, 0)}),
@@ -65,12 +85,20 @@ def stage_phases(image_tokens: int, alive: int) -> PhaseRule:
     return rule
 
 
-def prune_phases(image_tokens: int, alive: int) -> PhaseRule:
-    """A prune graph before which `alive` image tokens live: prefill only, sequences holding them all."""
+def prune_phases(image_tokens: int, alive: int, alive_share: float | None = None, shares: bool = False
+                 ) -> PhaseRule:
+    """A prune graph before which `alive` image tokens live (with `shares`: `alive_share` of each image's, all
+    when None, and an `image_tokens` dim): prefill only, sequences holding them all."""
 
     def rule(b: BoundsLike) -> tuple[Phase, ...]:
-        length = b.max_prompt - image_tokens + alive
-        return (Phase("prefill", {BATCH: (1, 1, b.max_batch), SEQ: (alive + 1, max(alive + 1, length // 2), length)}),)
+        lo, hi = image_range(b, image_tokens) if shares else (image_tokens, image_tokens)
+        sizes = range(lo, hi + 1)
+        length = max(b.max_prompt - n + _alive_at(n, alive, alive_share, shares) for n in sizes)
+        least = min(_alive_at(n, alive, alive_share, shares) for n in sizes) + 1
+        dims = {BATCH: (1, 1, b.max_batch), SEQ: (least, max(least, length // 2), length)}
+        if shares:
+            dims[IMAGES] = (lo, max(lo, hi // 2), hi)
+        return (Phase("prefill", dims),)
 
     return rule
 
