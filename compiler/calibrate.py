@@ -22,7 +22,7 @@ from btp.runtime.errors import InputError, PlanError
 from .calibration_data import Sample
 from .cost import decoder_flops
 from .plan import FORMAT, Plan, Stage
-from .presets import model_info
+from .presets import model_info, schedule, with_shares
 from .reference import reference_pipeline
 from .schedule import _layer_tokens, boundaries_from_drift, fit_keeps, focus_layer, stage_keeps, stage_recipes
 from .search import Reference, batches, distortion, prefill, profile_start, reference_outputs, score, search
@@ -45,20 +45,24 @@ class Profile:
     samples: int
     tau: float
     text_tokens: float
-    concentration: list[float] = field(default_factory=list)  # top-N0/8 share of the image attention
+    concentration: list[float] = field(default_factory=list)  # top-N/8 share of the image attention
     image_tokens: int = 0
+    uniform: float = 0.0  # the top-N/8 share a uniform attention gives, averaged over the images (0: at N0)
 
     def focus(self) -> int:
         """The layer from which the last prompt token's attention stays concentrated (`focus_layer`); 0 without
         a concentration profile."""
         if not self.concentration or not self.image_tokens:
             return 0
-        return focus_layer(self.concentration, max(1, self.image_tokens // 8) / self.image_tokens)
+        uniform = self.uniform or max(1, self.image_tokens // 8) / self.image_tokens
+        return focus_layer(self.concentration, uniform)
 
 
 class _LayerStatistics:
     """An observer of the per-layer chain: for every stage graph (one decoder layer), the image tokens whose
-    hidden state turns by more than `tau` and the last prompt token's attention mass on the image span."""
+    hidden state turns by more than `tau`, the last prompt token's attention mass on the image span and its share
+    on the image's top N/8 tokens. Per image of N tokens, the drift is its share of N times the nominal N0 (a
+    count at N0), so that images of different sizes (a family whose N follows the image's size) add up."""
 
     def __init__(self, spec, tau: float):
         self.n0, self.tau, self.image_token_id = spec.image_tokens, tau, spec.image_token_id
@@ -67,49 +71,55 @@ class _LayerStatistics:
         self.drift = torch.zeros(depth, dtype=torch.float64)
         self.mass = torch.zeros(depth, dtype=torch.float64)
         self.peak = torch.zeros(depth, dtype=torch.float64)
-        self.text_tokens = 0.0
-        self.span = None
+        self.text_tokens = self.uniform = 0.0
+        self.span, self.n = None, spec.image_tokens
 
     def __call__(self, name: str, feeds: dict, outputs: dict) -> None:
         if name == names.EMBED:
             is_image = feeds[names.INPUT_IDS] == self.image_token_id
+            counts = is_image.sum(1)
+            self.n = n = int(counts[0])
+            if bool((counts != n).any()):
+                raise InputError(f"expected one image size per calibration batch, got {counts.tolist()} image tokens")
             start = torch.argmax(is_image.to(torch.int64), dim=1)
-            self.span = start[:, None] + torch.arange(self.n0, device=start.device)[None, :]  # [B,N0]
+            self.span = start[:, None] + torch.arange(n, device=start.device)[None, :]  # [B,N]
+            self.uniform += len(counts) * max(1, n // 8) / n
             return
         if name not in self.layer:
             return
         i = self.layer[name]
         if i == 0:
-            self.text_tokens += float((feeds[names.ATTENTION_MASK].sum(1) - self.n0).sum())
+            self.text_tokens += float((feeds[names.ATTENTION_MASK].sum(1) - self.n).sum())
         rows = self.span[:, :, None].expand(-1, -1, feeds[names.INPUTS_EMBEDS].shape[2])
         before = feeds[names.INPUTS_EMBEDS].gather(1, rows).float()
         after = outputs[names.HIDDEN_STATES].gather(1, rows).float()
-        similarity = torch.nn.functional.cosine_similarity(before, after, dim=-1)  # [B,N0]
-        self.drift[i] += (similarity < self.tau).sum().item()
-        image = outputs[names.SCORES].gather(1, self.span).double()  # [B,N0]
+        similarity = torch.nn.functional.cosine_similarity(before, after, dim=-1)  # [B,N]
+        self.drift[i] += (similarity < self.tau).sum().item() * self.n0 / self.n
+        image = outputs[names.SCORES].gather(1, self.span).double()  # [B,N]
         self.mass[i] += image.sum().item()
         share = image / image.sum(1, keepdim=True).clamp_min(1e-30)
-        self.peak[i] += share.topk(max(1, self.n0 // 8), dim=1).values.sum().item()
+        self.peak[i] += share.topk(max(1, self.n // 8), dim=1).values.sum().item()
 
 
 @torch.inference_mode()
 def collect_profile(model, samples: Sequence[Sample], tau: float = 0.93, batch_size: int = 8,
                     progress: Progress | None = None) -> Profile:
     """One unpruned prefill per sample through the per-layer reference chain (`reference_pipeline(per_layer=
-    True)`), observed graph by graph -> mean drift count and attention mass per layer."""
+    True)`), observed graph by graph -> mean drift count (at the nominal N0) and attention mass per layer. Images
+    of a family whose image-token count follows the image's size are batched one size at a time."""
     if not 0 < tau < 1:
         raise PlanError(f"must be in (0, 1), got {tau}", option="tau")
     pipe = reference_pipeline(model, "none", per_layer=True)
     stats = _LayerStatistics(pipe.spec, tau)
     done = 0
-    for batch in batches(samples, batch_size):
+    for batch in batches(samples, batch_size, pipe.plan.dynamic):
         prefill(pipe, batch, stats)
         done += len(batch)
         if progress:
             progress(done, len(samples))
     return Profile(drift=(stats.drift / done).tolist(), attention=(stats.mass / done).tolist(), samples=done,
                    tau=tau, text_tokens=stats.text_tokens / done, concentration=(stats.peak / done).tolist(),
-                   image_tokens=model.image_tokens)
+                   image_tokens=model.image_tokens, uniform=stats.uniform / done)
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -141,12 +151,13 @@ def plan_from(model, genome: Genome, target: Target, text_tokens: int, floor: in
         kwargs["target_cost"] = target.flops * full
     try:
         keeps = _keeps_for_target(n0, layers, depth, kwargs)
-        dicts = stage_recipes(keeps, layers, n0, info.grid[0] == info.grid[1], lambda_start=genome.lambda_start,
-                              attention_from=genome.attention_from)
+        square = info.grid[0] == info.grid[1] and not info.dynamic  # a dynamic family's grids vary: no seeds
+        dicts = with_shares(info, stage_recipes(keeps, layers, n0, square, lambda_start=genome.lambda_start,
+                                                attention_from=genome.attention_from))
     except ValueError as err:
         raise PlanError(f"target {target.describe()} is out of reach with boundaries {layers} at any budget ratio "
                         f"0.05..0.95 (at ratio {genome.ratio:g}: {err})") from err
-    return Plan(format=FORMAT, model=info, score="logits", stages=tuple(Stage(**d) for d in dicts),
+    return Plan(format=FORMAT, model=info, score=schedule(info).score, stages=tuple(Stage(**d) for d in dicts),
                 calibration=calibration)
 
 

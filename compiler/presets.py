@@ -1,31 +1,76 @@
 """Preset plans (`none`, `btp`, `fastv`, `pdrop`, `divprune`) resolved against a model's depth and `N0`.
 
-`btp` scales the published LLaVA-1.5-7B schedule (BTP.md section 3) with the released code's selection
-(`selection: "released"`); the others are peers expressed in the same schema (points of the same plan space) so
-that they compile, run, benchmark and start a calibration search the same way.
+`btp` scales the published schedule of the model's family (BTP.md section 3: LLaVA-1.5-7B's with the released
+code's selection; Qwen2.5-VL-7B's for `qwen2_5_vl`); the others are peers expressed in the same schema (points of
+the same plan space) so that they compile, run, benchmark and start a calibration search the same way. On a family
+whose image-token count follows the image's size (`model.dynamic`), every stage states its keep as a `share` of the
+image tokens, its counts are those at the nominal `N0`, and there are no spatial seeds.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from btp.graphs.selection import SHARE_UNIT, share_count
 from btp.runtime.errors import PlanError
 
 from .plan import FORMAT, ModelInfo, Plan, Stage, _first_error
 from .schedule import _layer_tokens, _round, fit_keeps, last_keep
 
-# The published schedule on 32 layers: (first reduced layer, keep fraction of N0, attention share of keep,
-# rho, lambda). Spatial seeds N0/4 at the first stage when the grid is square.
-_BTP_LAYERS = (3, 6, 14, 22)
-_BTP_KEEP = (1 / 2, 1 / 4, 1 / 12, 0.0)
-_BTP_ATTENTION = (0.3, 0.9, 1.0, 0.0)
-_BTP_RHO = (3.7, 1.5, 1.2, 1.0)
+
+@dataclass(frozen=True)
+class Schedule:
+    """A published BTP schedule on a `depth`-layer model: per stage the first reduced layer, the keep as a share of
+    N0, the attention share of the keep, rho and rebalance; spatial seeds of half the first keep where `spatial`
+    and the grid is square and fixed."""
+
+    depth: int
+    layers: tuple[int, ...]
+    keep: tuple[float, ...]
+    attention: tuple[float, ...]
+    rho: tuple[float, ...]
+    rebalance: tuple[bool, ...]
+    selection: str
+    score: str
+    spatial: bool
+
+    def average_share(self) -> float:
+        """Layer-averaged share of N0 that the schedule keeps on its own depth."""
+        ends = [*self.layers[1:], self.depth]
+        return (self.layers[0] + sum((e - b) * k for b, e, k in zip(self.layers, ends, self.keep))) / self.depth
+
+
+# LLaVA-1.5-7B (32 layers): 288, 144, 48, 0 of 576 at layers 3, 6, 14, 22, with the released code's recipes.
+LLAVA = Schedule(32, (3, 6, 14, 22), (1 / 2, 1 / 4, 1 / 12, 0.0), (0.3, 0.9, 1.0, 0.0), (3.7, 1.5, 1.2, 1.0),
+                 (True, True, True, False), "released", "logits", spatial=True)
+# Qwen2.5-VL-7B (28 layers): N/2, N/4, N/8 at layers 3, 6, 15, keeping N/8 to the end (the paper's appendix; the
+# released code's drop of every image token at 22 collapses text reading, BTP.md section 3); the paper's attention
+# shares 0.2, 0.5, 0.8; from the released Qwen code: the softmax probabilities as scores, attention picks first and
+# diversity seeded with them (no union), 1.2x candidates at the first and third stage and 1x at the second, the
+# third rebalanced toward the first half of the span (its keep).
+QWEN2_5_VL = Schedule(28, (3, 6, 15), (1 / 2, 1 / 4, 1 / 8), (0.2, 0.5, 0.8), (1.2, 1.0, 1.2), (False, False, True),
+                      "exclusive", "probs", spatial=False)
+SCHEDULES = {"qwen2_5_vl": QWEN2_5_VL}
+
+
+def schedule(info: ModelInfo) -> Schedule:
+    """The published schedule of `info`'s family (LLaVA-1.5's for families without their own)."""
+    return SCHEDULES.get(info.family, LLAVA)
+
+
 # PDrop: cuts at a quarter, half and three quarters of the depth, halving the image tokens each time.
 _PDROP_DEPTH = (1 / 4, 1 / 2, 3 / 4)
 _PDROP_KEEP = (1 / 2, 1 / 4, 1 / 8)
+
+
+def share_of(keep: int, n0: int) -> float:
+    """The smallest share (a multiple of 1/SHARE_UNIT) whose `share_count` at `n0` is at least `keep`: exactly
+    `keep` unless `n0` exceeds SHARE_UNIT, where consecutive shares step over some counts."""
+    return -(-keep * SHARE_UNIT // n0) / SHARE_UNIT
 
 
 def _layers(fractions: list[float], num_layers: int) -> list[int]:
@@ -40,13 +85,22 @@ def _layers(fractions: list[float], num_layers: int) -> list[int]:
     return out
 
 
-# Layer-averaged share of image tokens in the published schedule (129 of 576).
-_BTP_AVERAGE_SHARE = 129 / 576
+def with_shares(info: ModelInfo, stages: list[dict]) -> list[dict]:
+    """`Stage` dicts as `info` needs them: on a dynamic family each with the `share` its nominal keep gives (and
+    the keep that share gives back); unchanged otherwise."""
+    if not info.dynamic:
+        return stages
+    n0 = info.image_tokens
+    return [{**s, "share": (f := share_of(s["keep"], n0)), "keep": share_count(n0, f)} for s in stages]
 
 
-def _plan(info: ModelInfo, stages: list[dict], method: str) -> Plan:
+def _plan(info: ModelInfo, stages: list[dict], method: str, score: str | None = None) -> Plan:
+    """A validated preset plan, scored as the family's schedule says unless `score` is given; on a dynamic family
+    each stage's `share` is the one its nominal keep gives."""
+    score = score or schedule(info).score
+    stages = with_shares(info, stages)
     try:
-        return Plan(format=FORMAT, model=info, score="logits", stages=tuple(Stage(**s) for s in stages),
+        return Plan(format=FORMAT, model=info, score=score, stages=tuple(Stage(**s) for s in stages),
                     calibration={"method": method})
     except ValidationError as err:
         raise PlanError(f"preset {method.removeprefix('preset:')!r} does not fit a model with {info.num_layers} "
@@ -58,26 +112,32 @@ def _btp_average(info: ModelInfo) -> float:
     try:
         return btp(info).average_image_tokens()
     except PlanError:
-        return _BTP_AVERAGE_SHARE * info.image_tokens
+        return schedule(info).average_share() * info.image_tokens
+
+
+def _btp_layers(info: ModelInfo) -> list[int]:
+    sched = schedule(info)
+    return _layers([x / sched.depth for x in sched.layers], info.num_layers)
 
 
 def btp(info: ModelInfo, scale: float = 1.0) -> Plan:
-    """The published schedule with the released code's selection; `scale` multiplies every stage's keep (spatial
-    seeds stay half the first keep). Its `lambda`s are the shares its counts give (0.597, 0.896, 1 on LLaVA-1.5)."""
-    n0, square = info.image_tokens, info.grid[0] == info.grid[1]
-    layers = _layers([x / 32 for x in _BTP_LAYERS], info.num_layers)
+    """The family's published schedule (`schedule(info)`) scaled to the model's depth; `scale` multiplies every
+    stage's keep (spatial seeds stay half the first keep). Its `lambda`s are the shares its counts give (0.597,
+    0.896, 1 on LLaVA-1.5)."""
+    sched, n0 = schedule(info), info.image_tokens
+    seeds = sched.spatial and info.grid[0] == info.grid[1] and not info.dynamic
     stages = []
-    for i, layer in enumerate(layers):
-        keep = min(n0 - 1, _round(_BTP_KEEP[i] * n0 * scale))
-        spatial = _round(keep / 2) if i == 0 and square else 0
-        attention = min(math.floor(_BTP_ATTENTION[i] * keep), keep - spatial)
+    for i, layer in enumerate(_btp_layers(info)):
+        keep = min(n0 - 1, _round(sched.keep[i] * n0 * scale))
+        spatial = _round(keep / 2) if i == 0 and seeds else 0
+        attention = min(math.floor(sched.attention[i] * keep), keep - spatial)
         alive = n0 if i == 0 else stages[-1]["keep"]
         # Candidate pools cannot exceed the tokens they rank: all of them at the released code's first stage,
         # those left after the seeds otherwise (only binds for scaled-up keeps).
-        room = alive if i == 0 else alive - spatial
-        rho = min(_BTP_RHO[i], math.floor(100 * room / attention) / 100) if attention else _BTP_RHO[i]
-        stages.append({"layer": layer, "keep": keep, "spatial": spatial, "attention": attention,
-                       "rho": rho, "rebalance": attention > 0, "selection": "released"})
+        room = alive if i == 0 and sched.selection == "released" else alive - spatial
+        rho = min(sched.rho[i], math.floor(100 * room / attention) / 100) if attention else sched.rho[i]
+        stages.append({"layer": layer, "keep": keep, "spatial": spatial, "attention": attention, "rho": rho,
+                       "rebalance": sched.rebalance[i] and attention > 0, "selection": sched.selection})
     return _plan(info, stages, "preset:btp")
 
 
@@ -98,8 +158,7 @@ def _scale_for(info: ModelInfo, layers: list[int], fractions: tuple[float, ...],
 def btp_budget(info: ModelInfo, share: float) -> Plan:
     """`btp`'s schedule with its keeps scaled so that the layer-averaged image tokens are `share * N0`
     (0.22 is the published 78% compression). Raises `PlanError` for a share the schedule cannot reach."""
-    layers = _layers([x / 32 for x in _BTP_LAYERS], info.num_layers)
-    plan = _refit(btp(info, _scale_for(info, layers, _BTP_KEEP, share, "btp")), share, "btp")
+    plan = _refit(btp(info, _scale_for(info, _btp_layers(info), schedule(info).keep, share, "btp")), share, "btp")
     return plan.model_copy(update={"calibration": {"method": f"preset:btp@{share:g}"}})
 
 
@@ -130,7 +189,8 @@ def _refit(plan: Plan, share: float, name: str) -> Plan:
         rho = min(s.rho, math.floor(100 * room / attention) / 100) if attention else s.rho
         stages.append(s.model_copy(update={"keep": k, "spatial": spatial, "attention": attention, "rho": rho}))
         alive = k
-    return _plan(info, [x.model_dump(by_alias=True, exclude={"lambda_"}) for x in stages], f"preset:{name}")
+    return _plan(info, [x.model_dump(by_alias=True, exclude={"lambda_"}) for x in stages], f"preset:{name}",
+                 plan.score)
 
 
 def at_budget(name: str, info: ModelInfo, share: float) -> Plan:
@@ -201,7 +261,7 @@ PRESETS = {"none": none, "btp": btp, "fastv": fastv, "pdrop": pdrop, "divprune":
 def model_info(model) -> ModelInfo:
     """The plan's `model` block for a `LoadedModel`."""
     return ModelInfo(family=model.family.name, num_layers=model.num_layers, image_tokens=model.image_tokens,
-                     grid=model.grid, fingerprint=model.fingerprint)
+                     grid=model.grid, fingerprint=model.fingerprint, dynamic=getattr(model.family, "dynamic", False))
 
 
 def resolve_plan(spec, model) -> Plan:

@@ -31,9 +31,18 @@ log = logging.getLogger(__name__)
 SearchProgress = Callable[[int, int, float], None]  # (evaluations, budget, best score so far)
 
 
-def batches(samples: Sequence[Sample], size: int):
-    for i in range(0, len(samples), size):
-        yield samples[i : i + size]
+def batches(samples: Sequence[Sample], size: int, by_size: bool = False):
+    """Consecutive batches of `size` samples; `by_size`: of images of one size only (a family whose image-token
+    count follows the image's size batches one size at a time), the sizes in order of first appearance."""
+    if not by_size:
+        for i in range(0, len(samples), size):
+            yield samples[i : i + size]
+        return
+    groups: dict[tuple[int, int], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.image.size, []).append(s)
+    for group in groups.values():
+        yield from batches(group, size)
 
 
 def prefill(pipe, batch: Sequence[Sample], observe):
@@ -100,7 +109,8 @@ def _run_outputs(model, plan: Plan, samples: Sequence[Sample], batch_size: int,
         if name == names.HEAD:
             captured.append(feeds[names.HIDDEN_STATES][:, -1].float())
 
-    logits = [prefill(pipe, batch, observe).logits.float() for batch in batches(samples, batch_size)]
+    by_size = pipe.plan.dynamic
+    logits = [prefill(pipe, batch, observe).logits.float() for batch in batches(samples, batch_size, by_size)]
     return Reference(torch.cat(logits), torch.cat(captured))
 
 

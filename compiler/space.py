@@ -18,7 +18,7 @@ from btp.runtime.errors import PlanError
 
 from .cost import decoder_flops
 from .plan import FORMAT, ModelInfo, Plan, Stage, _first_error
-from .presets import PRESETS, at_budget, token_tolerance
+from .presets import PRESETS, at_budget, schedule, token_tolerance, with_shares
 from .schedule import _layer_tokens, _round, fit_keeps
 
 _EPS = 1e-9
@@ -128,8 +128,10 @@ def specs_of(plan: Plan) -> tuple[StageSpec, ...]:
 def realise(info: ModelInfo, specs: Sequence[StageSpec], budget: Budget, floor: int = 0,
             calibration: dict | None = None) -> Plan:
     """Specs -> a validated plan whose keeps are solved jointly for `budget` (`fit_keeps`); `PlanError` when the
-    specs cannot meet it within its tolerance or make no valid plan."""
-    n0, depth, square = info.image_tokens, info.num_layers, info.grid[0] == info.grid[1]
+    specs cannot meet it within its tolerance or make no valid plan. On a dynamic family (keeps as shares of the
+    image's tokens) no spatial seeds, and the keeps are those at the nominal `N0`."""
+    n0, depth = info.image_tokens, info.num_layers
+    square = info.grid[0] == info.grid[1] and not info.dynamic
     layers = [s.layer for s in specs]
     try:
         keeps = fit_keeps(n0, layers, [s.weight for s in specs], depth, budget.measure, budget.value, floor)
@@ -151,8 +153,8 @@ def realise(info: ModelInfo, specs: Sequence[StageSpec], budget: Budget, floor: 
                        "selection": spec.selection})
         alive = keep
     try:
-        return Plan(format=FORMAT, model=info, score="logits", stages=tuple(Stage(**s) for s in stages),
-                    calibration=calibration)
+        return Plan(format=FORMAT, model=info, score=schedule(info).score,
+                    stages=tuple(Stage(**s) for s in with_shares(info, stages)), calibration=calibration)
     except ValidationError as err:
         raise PlanError(f"stages at layers {layers}: {_first_error(err)}") from err
 
