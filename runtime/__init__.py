@@ -1,8 +1,5 @@
-"""Runs a chain of compiled graphs: the engine chain, per-stage KV caches, generation, inputs and errors.
-
-Imports no other `btp` package at import time (`Pipeline.load` brings in `btp.artifact` and `btp.backends`):
-an app that only runs engines needs neither tracing nor model code.
-"""
+"""Runs a chain of compiled graphs. Imports no other `btp` package at import time (`Pipeline.load` brings in
+`btp.artifact` and `btp.backends`): an app that only runs engines needs neither tracing nor model code."""
 
 from .chain import ChainSpec, Engine, StageLayout
 from .errors import ArtifactError, BtpError, BuildError, DataError, DependencyError, InputError, ModelError, PlanError

@@ -1,10 +1,7 @@
-"""`Pipeline`: the backend-independent engine chain of ARCHITECTURE section 6.
-
-Prefill: vision -> embed -> stage0 -> prune1 -> stage1 -> ... -> head. Decode: embed -> every stage with its
-own KV cache -> head, one token at a time, positions continuing from the unpruned prompt length.
-Engines only need `run(feeds) -> outputs`; all per-call state lives in local variables, so one Pipeline
-can serve concurrent `generate` calls.
-"""
+"""`Pipeline`: the backend-independent engine chain (docs/architecture.md). Prefill: vision -> embed -> stage0 ->
+prune1 -> stage1 -> ... -> head. Decode: embed -> every stage with its own KV cache -> head, one token at a time,
+positions continuing from the unpruned prompt length. Engines only need `run(feeds) -> outputs`; all per-call state
+lives in local variables, so one Pipeline can serve concurrent `generate` calls."""
 
 from __future__ import annotations
 
@@ -319,15 +316,8 @@ class Pipeline:
                 st.cache[k] = out[n.as_present(k)]
         return self._run(n.HEAD, {n.HIDDEN_STATES: h}, call)[n.LOGITS]
 
-    def steps(
-        self, inp: Inputs, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-        top_p: float = 1.0, seed: int = 0, min_new_tokens: int = 0, on_graph: GraphObserver | None = None,
-        drop: torch.Tensor | None = None, compact: bool = False,
-    ) -> Iterator[Step]:
-        """The one generation loop: prefill, then a `Step` per new token until every row has hit EOS or
-        `max_new_tokens`. `inp` comes from `prepare`; `generate` and `stream` consume this. A server ends rows
-        early by setting them in `drop` (bool `[B]`, read after every step); with `compact`, finished rows leave
-        the batch (their KV is cut out) so that the rest decode at the smaller batch."""
+    def check(self, inp: Inputs, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0) -> None:
+        """`InputError` for generation options or a prompt length that `inp` cannot run with."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if self.manifest is not None and max_new_tokens > self.manifest.build.max_new_tokens:
@@ -338,6 +328,17 @@ class Pipeline:
             raise InputError(f"prompt too long: {length} prompt tokens + {max_new_tokens} new tokens exceed the "
                              f"{self.spec.max_positions} positions the model was built for")
         check_sampling(temperature, top_p)
+
+    def steps(
+        self, inp: Inputs, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+        top_p: float = 1.0, seed: int = 0, min_new_tokens: int = 0, on_graph: GraphObserver | None = None,
+        drop: torch.Tensor | None = None, compact: bool = False,
+    ) -> Iterator[Step]:
+        """The one generation loop: prefill, then a `Step` per new token until every row has hit EOS or
+        `max_new_tokens`. `inp` comes from `prepare`; `generate` and `stream` consume this. A server ends rows
+        early by setting them in `drop` (bool `[B]`, read after every step); with `compact`, finished rows leave
+        the batch (their KV is cut out) so that the rest decode at the smaller batch."""
+        self.check(inp, max_new_tokens, temperature, top_p)
         gen = torch.Generator(device=self.device).manual_seed(seed) if do_sample else None
         spec = self.spec
         eos = torch.tensor(spec.eos_token_ids or [-1], device=self.device)
@@ -388,7 +389,9 @@ class Pipeline:
         images, prompts = listed(images, prompts)
         family = FAMILY_INPUTS.get(self.spec.family)
         parts = sub_batches(family.image_grids(self, images) if family else [0] * len(images), self.spec.max_batch)
-        batches = [self.prepare([images[i] for i in p], [prompts[i] for i in p]) for p in parts]  # all checked first
+        batches = [self.prepare([images[i] for i in p], [prompts[i] for i in p]) for p in parts]
+        for inp in batches:  # every sub-batch checked before any runs
+            self.check(inp, max_new_tokens, temperature, top_p)
         args = (max_new_tokens, do_sample, temperature, top_p, seed, min_new_tokens, on_graph)
         outs = [self._generate(inp, output_logits, args) for inp in batches]
         return outs[0] if len(outs) == 1 else merge(outs, parts)
@@ -421,7 +424,7 @@ class Pipeline:
         The input is checked here, before the first token; the returned `TextStream` is iterated for text and
         holds `kept_indices` and `timings` once prefill has run."""
         inp = self.prepare([image], [prompt])
-        check_sampling(temperature, top_p)
+        self.check(inp, max_new_tokens, temperature, top_p)
         return TextStream(self, self.steps(inp, max_new_tokens, do_sample, temperature, top_p, seed,
                                            on_graph=on_graph))
 

@@ -93,9 +93,11 @@ def test_images_outside_the_pixel_bounds_are_resized_into_them(qwen_none):
 
 
 def test_bad_input_keeps_its_one_line_errors(qwen_none, tiny_qwen):
-    short = reference_pipeline(tiny_qwen, "none", max_positions=80)  # 16 image tokens fit, 64 do not
+    short, ran = reference_pipeline(tiny_qwen, "none", max_positions=80), []  # 16 image tokens fit, 64 do not
     with pytest.raises(InputError, match="prompt too long: .* exceed the 80 positions"):
-        short.generate([_image(112, 112), _image(224, 224)], ["Hi", "Hi"], max_new_tokens=8)
+        short.generate([_image(112, 112), _image(224, 224)], ["Hi", "Hi"], max_new_tokens=8,
+                       on_graph=lambda name, *_: ran.append(name))
+    assert ran == []  # refused before the sub-batch that fits ran
     with pytest.raises(InputError, match="expected one image per prompt, got 2 images and 1 prompts"):
         qwen_none.generate([_image(112, 112), _image(224, 224)], ["one"], max_new_tokens=1)
     with pytest.raises(InputError, match="aspect ratio of 25:1"):
