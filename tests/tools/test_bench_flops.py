@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from btp.compiler import reference_pipeline
 from btp.compiler.cost import decoder_flops, qwen_vision_flops, window_lengths
 from btp.compiler.presets import resolve_plan
-from btp.tools.bench import fixed_flops, layer_tokens_at, plan_flops
+from btp.tools.bench import fixed_flops, image_geometry, layer_tokens_at, plan_flops
 
 
 def _counted_vision_flops(model, enc) -> float:
@@ -78,3 +79,16 @@ def test_plan_flops_at_the_images_token_count(tiny):
     assert plan_flops(plan, tiny.image_tokens, d, m, 7) == pytest.approx(plan.flops(d, m, 7), rel=1e-12)
     assert plan_flops(plan, tiny.image_tokens, d, m, 7) == pytest.approx(
         sum(decoder_flops(k + 7, d, m) for k in plan.layer_tokens()), rel=1e-12)
+
+
+def test_a_qwen_images_own_token_count_and_grid_drive_the_flops(tiny_qwen):
+    pipe = reference_pipeline(tiny_qwen, "btp")
+    image = Image.linear_gradient("L").resize((448, 112)).convert("RGB")  # 4x16 merged tokens, 8x32 patches
+    n, grid = image_geometry(pipe, [image], ["What is shown?"])
+    assert (n, grid) == (64, (1, 8, 32))
+    small = Image.linear_gradient("L").resize((140, 140)).convert("RGB")  # 5x5 merged tokens
+    assert image_geometry(pipe, [small], ["Hi"]) == (25, (1, 10, 10))
+    # btp at 25 tokens: 12, 6, 3 from layers 1, 2, 4 (shares 1/2, 1/4, 1/8, floored).
+    assert layer_tokens_at(pipe.plan, 25) == [25, 12, 6, 6, 3, 3, 3, 3]
+    d, m = tiny_qwen.hidden_size, tiny_qwen.intermediate_size
+    assert plan_flops(pipe.plan, 25, d, m, 10) == sum(decoder_flops(k + 10, d, m) for k in [25, 12, 6, 6, 3, 3, 3, 3])
