@@ -33,7 +33,7 @@ from btp.backends.tensorrt_backend import tensorrt_version
 from btp.runtime.dependencies import require
 from btp.runtime.errors import ArtifactError, BuildError
 
-from .assemble import build_graphs
+from .assemble import build_graphs, check_image_range
 from .export import EXPORTER, Exported, Limits, export_graph
 from .models import DTYPES, load_model
 from .presets import resolve_plan
@@ -207,6 +207,8 @@ def _build(cfg: BuildConfig, out: Path, backend: str, on_graph) -> BuildResult:
     lim = image_bounds(cfg.limits, model)
     dynamic = lim.max_image_tokens > 0
     _check_limits(cfg, lim, lim.max_image_tokens if dynamic else model.image_tokens)
+    if dynamic:
+        check_image_range(plan, lim.min_image_tokens, lim.max_image_tokens)  # a plan of shares, at every size
     # The saved processor resizes every image into the artifact's image-token range.
     processor = model.family.bounded_processor(model, lim.min_image_tokens, lim.max_image_tokens) if dynamic \
         else model.processor

@@ -3,8 +3,10 @@ torchvision, every exported graph against its torch module, the ONNX Runtime pip
 three image sizes with one artifact, and btp-check."""
 
 import json
+import re
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
@@ -31,17 +33,31 @@ STEPS = 12
 
 
 def _image(side: int, seed: int = 0) -> Image.Image:
-    img = Image.linear_gradient("L").rotate(37 * seed).resize((side, side)).convert("RGB")
-    return Image.merge("RGB", (img.getchannel(0), img.getchannel(1).transpose(Image.FLIP_LEFT_RIGHT),
-                               img.getchannel(2).transpose(Image.FLIP_TOP_BOTTOM)))
+    """Seeded noise over a gradient: no two patches alike, so no selection among them is a tie."""
+    noise = np.random.default_rng(seed).integers(0, 96, (side, side, 3))
+    ramp = np.linspace(0, 159, side)[None, :, None]
+    return Image.fromarray((noise + ramp).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
-def qwen_artifact(tmp_path_factory):
-    out = tmp_path_factory.mktemp("qwen") / "none"
-    compile_artifact(BuildConfig(model="builtin:tiny-qwen2.5-vl", plan="none", out=out, backend="onnxruntime",
-                                 limits=LIMITS))
-    return out
+def compiled(tmp_path_factory):
+    """Factory: the builtin:tiny-qwen2.5-vl artifact of a preset, compiled once per module."""
+    built = {}
+
+    def get(preset: str):
+        if preset not in built:
+            out = tmp_path_factory.mktemp("qwen") / preset
+            compile_artifact(BuildConfig(model="builtin:tiny-qwen2.5-vl", plan=preset, out=out, backend="onnxruntime",
+                                         limits=LIMITS))
+            built[preset] = out
+        return built[preset]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def qwen_artifact(compiled):
+    return compiled("none")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +72,8 @@ def test_manifest_records_the_image_token_bounds_and_the_profiles_span_them(qwen
     b = manifest.build
     assert (b.min_image_tokens, b.max_image_tokens) == (4, 64)  # the processor's own bounds
     assert manifest.build.bounds.max_image_tokens == 64 and manifest.chain.family == "qwen2_5_vl"
+    saved = json.loads((qwen_artifact / "processor" / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"shortest_edge": 4 * 28 * 28, "longest_edge": 64 * 28 * 28}  # pixels of 4..64 tokens
     (vision,) = manifest_profiles(manifest, "vision")
     assert vision["window_index"] == ([4], [32], [64])
     assert vision["pixel_values"] == ([1, 16, 1176], [1, 128, 1176], [2, 256, 1176])
@@ -187,3 +205,41 @@ def test_btp_check_passes_and_fails_naming_graph_and_output_when_perturbed(qwen_
     failing = [g for g in report["graphs"] if not g["passed"]]
     assert [g["graph"] for g in failing] == ["head"]
     assert failing[0]["failures"][0].startswith("onnxruntime: logits")
+
+
+@pytest.mark.parametrize("preset", ["divprune", "pdrop"])  # fastv: pdrop's single-stage case
+def test_pruned_presets_give_the_reference_tokens_and_kept_indices(compiled, tiny_qwen, preset):
+    """One artifact per preset serves every image size: keeps are shares of each image's tokens, computed in the
+    prune graphs from the image span's length (TopK, no NonZero, output shapes expressions of the input shapes)."""
+    root = compiled(preset)
+    pipe = Pipeline.load(root)
+    ref = reference_pipeline(tiny_qwen, preset, max_positions=LIMITS.max_positions)
+    ref.processor = pipe.processor
+    kept = {}
+    for tokens, side in SIDES.items():
+        for images, prompts in (([_image(side)], PROMPTS[:1]), ([_image(side, 1), _image(side, 2)], PROMPTS)):
+            ours = pipe.generate(images, prompts, max_new_tokens=STEPS)
+            theirs = ref.generate(images, prompts, max_new_tokens=STEPS)
+            assert ours.token_ids == theirs.token_ids, (tokens, len(images))
+            assert ours.kept_indices == theirs.kept_indices, (tokens, len(images))
+            kept[tokens] = [len(k) for k in ours.kept_indices[0]]
+    # The keeps follow the image's size: never more for a smaller image, fewer for 16 tokens than for 64.
+    assert all(a <= b <= c for a, b, c in zip(kept[4], kept[16], kept[64])) and kept[16] != kept[64], kept
+    manifest = read_manifest(root)
+    prunes = [st.prune for st in manifest.chain.spec().prunes]
+    assert prunes
+    batches = [([_image(side)], PROMPTS[:1]) for side in SIDES.values()] + [([_image(112, 1), _image(112, 2)], PROMPTS)]
+    feeds = capture_feeds(ref, batches, 2)
+    for name, info in manifest.graphs.items():
+        report = compare_graph(name, ref.engines[name], root / info.file, feeds[name], "float32")
+        assert report.passed and max(report.worst.values(), default=0.0) <= 1e-4, (name, report.failures)
+    for name in prunes:
+        model = onnx.load(str(root / manifest.graphs[name].file), load_external_data=False)
+        ops = {node.op_type for node in model.graph.node}
+        assert "TopK" in ops and "NonZero" not in ops, (name, ops)
+        inputs = {d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
+        for out in model.graph.output:  # every dim a number or an expression of the input dims
+            for d in out.type.tensor_type.shape.dim:
+                assert d.dim_value > 0 or set(re.findall(r"[a-z_]+", d.dim_param)) <= inputs, (name, out.name, d)
+            assert all(d.dim_value > 0 or d.dim_param for d in out.type.tensor_type.shape.dim), (name, out.name)
+        assert lint_model(root / manifest.graphs[name].file) == [], name
