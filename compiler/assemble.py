@@ -51,7 +51,8 @@ def check_image_range(plan: Plan, lo: int, hi: int) -> None:
             if c.keep > c.alive or c.candidates > room:
                 raise PlanError(f"stages[{i}]: at {n} image tokens the plan keeps {c.keep} of {c.alive} with "
                                 f"{c.candidates} attention candidates of the {room} tokens they rank; expected "
-                                "keep and candidates within the tokens alive (narrow --min-image-tokens)")
+                                "keep and candidates within the tokens alive (raise {option})",
+                                option="min_image_tokens")
 
 
 def build_graphs(model, plan: Plan, max_positions: int | None = None,

@@ -30,6 +30,10 @@ def _max(a, b):
     return torch.sym_max(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else max(a, b)
 
 
+def _min(a, b):
+    return torch.sym_min(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else min(a, b)
+
+
 def spatial_seeds(grid: int, count: int, metric: str = "manhattan") -> tuple[int, ...]:
     """Greedy farthest-point seeds on a `grid x grid` layout, starting at index 0; first index wins ties.
 
@@ -111,6 +115,11 @@ class Recipe:
         r = round(self.rho * SHARE_UNIT)  # rho >= 1, so both roundings give at least `attention` candidates
         # Non-negative operands only: ONNX's and TensorRT's integer Div truncates, Python's floors.
         candidates = (attention * r + (0 if self.released else SHARE_UNIT - 1)) // SHARE_UNIT
+        # No-ops wherever the plan is valid (`check_image_range`), but they bound each TopK's K by the length it
+        # ranks in a form the exporter can prove: floor-division chains of a symbolic N0 it cannot.
+        keep = _min(keep, alive)
+        attention = _min(attention, keep)
+        candidates = _min(_max(candidates, attention), alive)
         return Counts(alive, keep, attention, candidates, keep - attention, self)
 
 
