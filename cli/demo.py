@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"({100 * (1 - avg / model.image_tokens):.0f}% removed); time to first token "
                       f"{out.timings['ttft_ms']:.1f} ms")
         if args.explain:
-            from btp.tools.explain import explain_figure
+            from btp.tools.explain import explain_figure, image_grid
 
             titles = [s.prune for s in pipe.spec.prunes]
-            explain_figure(image, out.kept_indices[0], pipe.spec.grid, titles, args.explain)
+            explain_figure(image, out.kept_indices[0], image_grid(pipe.processor, image, pipe.spec.grid), titles,
+                           args.explain)
             console.print(f"wrote {args.explain}")
         if args.json:
             print_json({"model": args.model, "plan": args.plan or plan, "prompt": args.prompt, "answer": answer,

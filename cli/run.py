@@ -8,6 +8,7 @@ import sys
 from btp.cli.common import add_common, check_writable, print_json, run_main
 from btp.runtime import Pipeline
 from btp.runtime.inputs import check_prompt_text, open_image
+from btp.tools.explain import image_grid
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,14 +55,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(piece, end="", flush=True)
             print()
             kept = stream.kept_indices
-            n0 = pipe.spec.image_tokens
+            grid = image_grid(pipe.processor, image, pipe.spec.grid)  # the image's own grid where sizes vary
+            n0 = grid[0] * grid[1]
             summary = ", ".join(f"{s.prune} {len(k)}" for s, k in zip(pipe.spec.prunes, kept)) or "none"
             print(f"image tokens kept (of {n0}): {summary}", file=sys.stderr)
         if args.explain:
             from btp.tools.explain import explain_figure
 
             titles = [s.prune for s in pipe.spec.prunes]
-            explain_figure(image, kept, pipe.spec.grid, titles, args.explain)
+            explain_figure(image, kept, image_grid(pipe.processor, image, pipe.spec.grid), titles, args.explain)
             print(f"wrote {args.explain}", file=sys.stderr)
         return 0
 
