@@ -25,6 +25,7 @@ from pydantic import (
 
 from btp.runtime.chain import Bounds, ChainSpec
 from btp.runtime.errors import ArtifactError
+from btp.runtime.pipeline import FAMILY_INPUTS
 
 ARTIFACT_FORMAT = "btp-artifact/1"
 MANIFEST = "manifest.json"
@@ -158,6 +159,10 @@ class ChainInfo(BaseModel):
             unknown = sorted(k for k in data if k not in known)
             if unknown:
                 raise ValueError(f"unknown chain field(s) {unknown}: expected fields of the runtime's ChainSpec")
+            families = ["llava", *FAMILY_INPUTS]  # LLaVA's inputs are the pipeline's own
+            if isinstance(data.get("family"), str) and data["family"] not in families:
+                raise ValueError(f"chain family: expected one of {families} (the families this runtime prepares "
+                                 f"inputs for), found {data['family']!r}")
             for f in fields(ChainSpec):  # the others: of their default's type (a str, an int)
                 if f.name in data and f.name not in cls.model_fields and isinstance(f.default, (str, int)) \
                         and type(data[f.name]) is not type(f.default):

@@ -1,6 +1,6 @@
-"""A compiled builtin:tiny-qwen2.5-vl artifact (plan none): image-token bounds, the processor saved without
-torchvision, every exported graph against its torch module, the ONNX Runtime pipeline against the reference on
-three image sizes with one artifact, and btp-check."""
+"""Compiled builtin:tiny-qwen2.5-vl artifacts: image-token bounds, the processor saved without torchvision, every
+exported graph against its torch module, the ONNX Runtime pipeline against the reference on three image sizes with
+one artifact (plan none, and the pruned presets divprune and pdrop), and btp-check."""
 
 import json
 import re
@@ -95,6 +95,8 @@ def test_manifest_records_the_image_token_bounds_and_the_profiles_span_them(qwen
     (lambda d: d["build"].update(max_image_tokens=160), r"1 <= min <= max < max_prompt \(160\)"),
     (lambda d: d["chain"].update(window_tokens="3"), "chain window_tokens: expected int, found '3'"),
     (lambda d: d["chain"].update(colour=1), r"unknown chain field\(s\) \['colour'\]"),
+    (lambda d: d["chain"].update(family="gemma3"),
+     r"chain family: expected one of \['llava', 'qwen2_5_vl'\].*'gemma3'"),
 ])
 def test_the_manifest_checks_the_image_token_bounds_and_the_family_fields(qwen_artifact, tmp_path, edit, message):
     root = tmp_path / "art"
