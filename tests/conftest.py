@@ -1,4 +1,7 @@
+import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -24,24 +27,109 @@ def images():
 LIMITS = dict(max_batch=4, max_prompt=256, max_new_tokens=64)
 
 
+def _is_xdist_worker(config) -> bool:
+    """Whether this session is a pytest-xdist worker's (its environment variable also reaches the processes
+    that tests start, so it is not asked)."""
+    return hasattr(config, "workerinput")
+
+
+# Under pytest-xdist (`make test` runs 2 workers) each worker's torch takes one thread: two workers with one
+# thread each on 2 cores beat two that fight over both. Reset after each test (btp-train-toy sets its own).
+WORKER_THREADS = 1
+
+
+def pytest_configure(config):
+    if _is_xdist_worker(config):
+        import torch
+
+        torch.set_num_threads(WORKER_THREADS)
+
+
+def pytest_runtest_teardown(item):
+    if _is_xdist_worker(item.config):
+        import torch
+
+        if torch.get_num_threads() != WORKER_THREADS:
+            torch.set_num_threads(WORKER_THREADS)
+
+
+@contextmanager
+def _exclusive(path: Path):
+    """An advisory lock on `path` held by this process: the xdist workers of one run take turns through it."""
+    import fcntl  # POSIX, as pytest-xdist's sharing here needs; a run without workers never gets here
+
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def artifact(tmp_path_factory):
-    """Factory: the compiled builtin:tiny-llava artifact for a preset, built once per session."""
+def build_once(tmp_path_factory, pytestconfig):
+    """Factory: `build_once(key, build, name)` runs `build(out)` for a path `out` named `name` in a new folder,
+    once per test run, and returns `out`; what it built is shared by the session's tests, which must copy it
+    before they change it. `key` names the build (a file name), distinct for distinct builds.
+
+    Under pytest-xdist each worker has a session of its own: the first worker to ask builds under a lock in the
+    run's shared temporary folder, the others wait for it, and each worker gets a copy of its own (a few MB), so
+    that what a session puts beside `out` (btp-bench's cache of twins, build locks) stays that session's."""
+    worker = _is_xdist_worker(pytestconfig)
+    root = tmp_path_factory.getbasetemp().parent / "built-once"  # xdist: <run>/popen-gwN is a worker's basetemp
+    if worker:
+        root.mkdir(exist_ok=True)
+    done: dict[str, Path] = {}
+
+    def get(key: str, build, name: str = "out") -> Path:
+        if key in done:
+            return done[key]
+        if not worker:
+            out = tmp_path_factory.mktemp(key) / name
+            build(out)
+        else:
+            shared = root / key / name
+            with _exclusive(root / f"{key}.lock"):
+                if not (root / f"{key}.done").exists():
+                    shutil.rmtree(root / key, ignore_errors=True)  # what a failed try left
+                    (root / key).mkdir()
+                    build(shared)
+                    (root / f"{key}.done").touch()
+            out = tmp_path_factory.mktemp(key) / name
+            shutil.copytree(shared, out, symlinks=True)
+        done[key] = out
+        return out
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def artifact(build_once):
+    """Factory: the compiled builtin:tiny-llava artifact for a preset, built once per test run."""
     from btp.compiler.build import BuildConfig, compile_artifact
     from btp.compiler.export import Limits
 
-    built = {}
-
     def get(preset: str):
-        if preset not in built:
-            out = tmp_path_factory.mktemp("artifacts") / preset
-            cfg = BuildConfig(model="builtin:tiny-llava", plan=preset, out=out, backend="onnxruntime",
-                              limits=Limits(**LIMITS))
-            compile_artifact(cfg)
-            built[preset] = out
-        return built[preset]
+        def build(out):
+            compile_artifact(BuildConfig(model="builtin:tiny-llava", plan=preset, out=out, backend="onnxruntime",
+                                         limits=Limits(**LIMITS)))
+
+        return build_once(f"tiny-llava-{preset}", build, preset)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def fp16_artifact(build_once):
+    """builtin:tiny-llava compiled in float16 with plan btp (the conftest bounds), built once per test run."""
+    from btp.compiler.build import BuildConfig, compile_artifact
+    from btp.compiler.export import Limits
+
+    def build(out):
+        compile_artifact(BuildConfig(model="builtin:tiny-llava", plan="btp", out=out, backend="onnxruntime",
+                                     dtype="float16", limits=Limits(**LIMITS)))
+
+    return build_once("tiny-llava-btp-float16", build, "btp")
 
 
 @pytest.fixture(scope="session")

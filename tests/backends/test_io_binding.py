@@ -26,17 +26,6 @@ class PlainEngine:
         return {n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in zip(self.output_names, outs)}
 
 
-@pytest.fixture(scope="module")
-def fp16_artifact(tmp_path_factory):
-    from btp.compiler.build import BuildConfig, compile_artifact
-    from btp.compiler.export import Limits
-
-    out = tmp_path_factory.mktemp("fp16") / "btp"
-    compile_artifact(BuildConfig(model="builtin:tiny-llava", plan="btp", out=out, backend="onnxruntime",
-                                 dtype="float16", limits=Limits(max_batch=4, max_prompt=256, max_new_tokens=64)))
-    return out
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_bound_pipeline_equals_plain_session_runs(artifact, fp16_artifact, images, dtype):
     path = artifact("btp") if dtype == "float32" else fp16_artifact

@@ -8,16 +8,17 @@ from serving import LIMITS, LiveServer
 
 
 @pytest.fixture(scope="session")
-def toy_artifact(tmp_path_factory):
-    """builtin:toy-vlm compiled with the demo's plan (20 then 13 of 81 image tokens kept)."""
+def toy_artifact(build_once):
+    """builtin:toy-vlm compiled with the demo's plan (20 then 13 of 81 image tokens kept), once per test run."""
     from btp.compiler.build import BuildConfig, compile_artifact
     from btp.compiler.export import Limits
     from btp.tools.samples import toy_plan_path
 
-    out = tmp_path_factory.mktemp("serve") / "toy"
-    compile_artifact(BuildConfig(model="builtin:toy-vlm", plan=str(toy_plan_path()), out=out, backend="onnxruntime",
-                                 limits=Limits(**LIMITS)))
-    return out
+    def build(out):
+        compile_artifact(BuildConfig(model="builtin:toy-vlm", plan=str(toy_plan_path()), out=out,
+                                     backend="onnxruntime", limits=Limits(**LIMITS)))
+
+    return build_once("serve-toy-vlm", build, "toy")
 
 
 @pytest.fixture(scope="session")
