@@ -247,3 +247,27 @@ def test_pruned_presets_give_the_reference_tokens_and_kept_indices(compiled, tin
                 assert d.dim_value > 0 or set(re.findall(r"[a-z_]+", d.dim_param)) <= inputs, (name, out.name, d)
             assert all(d.dim_value > 0 or d.dim_param for d in out.type.tensor_type.shape.dim), (name, out.name)
         assert lint_model(root / manifest.graphs[name].file) == [], name
+
+
+def test_a_mixed_size_call_and_explain_run_on_a_compiled_artifact(compiled, tmp_path, capsys):
+    """Images of 16, 64 (4x16), 64 (8x8) and 16 tokens in one call on the btp artifact (max batch 2): each row
+    gets what it gets alone; btp-run --explain counts and draws the wide image's own 4x16 grid."""
+    from btp.cli import run as run_cli
+
+    root = compiled("btp")
+    pipe = Pipeline.load(root)
+    wide = Image.fromarray(np.asarray(_image(448, 5))[:112])  # 112x448 pixels: 4x16 image tokens
+    images = [_image(112, 1), wide, _image(224, 2), _image(112, 3)]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1], "Which colour is on the left?"]
+    together = pipe.generate(images, prompts, max_new_tokens=6)
+    for row, (image, prompt) in enumerate(zip(images, prompts)):
+        alone = pipe.generate([image], [prompt], max_new_tokens=6)
+        assert together.token_ids[row] == alone.token_ids[0] and together.kept_indices[row] == alone.kept_indices[0]
+    assert [len(k) for k in together.kept_indices[1]] == [32, 16, 8]
+    wide.save(tmp_path / "wide.png")
+    figure = tmp_path / "kept.png"
+    rc = run_cli.main([str(root), "--image", str(tmp_path / "wide.png"), "--prompt", "What is shown?",
+                       "--max-new-tokens", "4", "--explain", str(figure)])
+    assert rc == 0 and "image tokens kept (of 64): prune1 32, prune2 16, prune3 8" in capsys.readouterr().err
+    with Image.open(figure) as fig:
+        assert fig.width > 6 * fig.height  # four panels in the image's 4:1 aspect (square ones: 3.6 to 1)
