@@ -211,11 +211,14 @@ def test_btp_check_passes_and_fails_naming_graph_and_output_when_perturbed(qwen_
 
 # divprune: a diversity prune before layer 0; btp: three stages of attention and diversity picks. pdrop (attention
 # only, three stages) and fastv (one stage) pass this test too; each costs another compile (~40 s of CPU).
-@pytest.mark.parametrize("preset", ["divprune", "btp"])
+@pytest.mark.parametrize("preset", ["divprune", "btp"])  # fastv and pdrop: test_qwen_presets.py (another worker)
 def test_pruned_presets_give_the_reference_tokens_and_kept_indices(compiled, tiny_qwen, preset):
+    check_pruned_artifact(compiled(preset), tiny_qwen, preset)
+
+
+def check_pruned_artifact(root, tiny_qwen, preset: str) -> None:
     """One artifact per preset serves every image size: keeps are shares of each image's tokens, computed in the
     prune graphs from the image span's length (TopK, no NonZero, output shapes expressions of the input shapes)."""
-    root = compiled(preset)
     pipe = Pipeline.load(root)
     ref = reference_pipeline(tiny_qwen, preset, max_positions=LIMITS.max_positions)
     ref.processor = pipe.processor
