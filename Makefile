@@ -75,7 +75,7 @@ test-latest:
 	@$(VENV)-latest/bin/python -m pip list --disable-pip-version-check 2>/dev/null | \
 		grep -iE "^($(subst $(space),|,$(KEY_PACKAGES))) " | tr -s ' ' | tr '\n' ';'; echo
 	$(VENV)-latest/bin/ruff check .
-	$(VENV)-latest/bin/python -m pytest
+	$(VENV)-latest/bin/python -m pytest -n $(PYTEST_WORKERS)
 
 # The lowest releases of the packages pyproject names (uv's lowest-direct resolution), as constraints: the
 # packages they pull in come at whatever version those need.
@@ -91,7 +91,7 @@ test-lowest: $(VENV)-lock/.installed
 	@$(VENV)-lowest/bin/python -m pip list --disable-pip-version-check 2>/dev/null | \
 		grep -iE "^($(subst $(space),|,$(KEY_PACKAGES))) " | tr -s ' ' | tr '\n' ';'; echo
 	$(VENV)-lowest/bin/ruff check .
-	$(VENV)-lowest/bin/python -m pytest
+	$(VENV)-lowest/bin/python -m pytest -n $(PYTEST_WORKERS)
 
 empty :=
 space := $(empty) $(empty)
