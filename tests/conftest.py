@@ -155,3 +155,32 @@ def _assert_concurrent_calls_match_sequential(pipe, images):
 def tiny_qwen():
     """builtin:tiny-qwen2.5-vl in fp32 (shared; tests must not modify it)."""
     return load_model("builtin:tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def perturbed_head():
+    """`perturb(artifact, root) -> root`: a copy of `artifact` at `root` whose LM head weight is 1% larger (small
+    enough to keep the file loadable), its manifest re-signed so that only the numbers differ."""
+    return _perturbed_head
+
+
+def _perturbed_head(artifact: Path, root: Path) -> Path:
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from btp.artifact.manifest import MANIFEST, file_table
+
+    shutil.copytree(artifact, root)
+    path = root / "onnx" / "head.onnx"
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.ndim == 2:  # the LM head weight
+            init.CopyFrom(numpy_helper.from_array((arr * 1.01).astype(arr.dtype), init.name))
+    onnx.save(model, str(path))
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["files"] = {k: v.model_dump() for k, v in file_table(root).items()}
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return root

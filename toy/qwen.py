@@ -98,12 +98,9 @@ def make_processor(image_processor, tokenizer, chat_template: str | None) -> Qwe
 
         if is_torchvision_available():
             raise
-    proc = Qwen2_5_VLProcessor.__new__(Qwen2_5_VLProcessor)
-    proc.chat_template, proc.image_processor, proc.tokenizer, proc.video_processor = (
-        chat_template, image_processor, tokenizer, None)
-    proc.image_token, proc.video_token = tokenizer.image_token, tokenizer.video_token
-    proc.image_token_id, proc.video_token_id = tokenizer.image_token_id, tokenizer.video_token_id
-    return proc
+    from btp.artifact.processor import assemble  # the one place that assembles a processor without its video part
+
+    return assemble(Qwen2_5_VLProcessor, image_processor, tokenizer, chat_template)
 
 
 def build_processor(spec: QwenSpec) -> Qwen2_5_VLProcessor:

@@ -9,10 +9,9 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 from PIL import Image
 
-from btp.artifact.manifest import MANIFEST, file_table, read_manifest
+from btp.artifact.manifest import MANIFEST, read_manifest
 from btp.artifact.processor import PARTS, load_processor, save_processor
 from btp.cli import check as check_cli
 from btp.cli import compile as compile_cli
@@ -185,23 +184,13 @@ def test_pipeline_gives_the_reference_tokens_at_every_image_size(qwen_artifact, 
         assert all(len(p) == len(q) for p, q in zip(ours.prompt_ids, theirs.prompt_ids))
 
 
-def test_btp_check_passes_and_fails_naming_graph_and_output_when_perturbed(qwen_artifact, tmp_path, capsys):
+def test_btp_check_passes_and_fails_naming_graph_and_output_when_perturbed(qwen_artifact, tmp_path, capsys,
+                                                                           perturbed_head):
     assert check_cli.main([str(qwen_artifact), "--samples", "2", "--max-new-tokens", "3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["tokens"]["mean"] == 1.0
     assert {g["graph"] for g in report["graphs"]} == {"vision", "embed", "stage0", "head"}
-    root = tmp_path / "art"
-    shutil.copytree(qwen_artifact, root)
-    path = root / "onnx" / "head.onnx"
-    model = onnx.load(str(path))
-    for init in model.graph.initializer:
-        arr = numpy_helper.to_array(init)
-        if arr.ndim == 2:  # the LM head weight, 1% larger
-            init.CopyFrom(numpy_helper.from_array((arr * 1.01).astype(arr.dtype), init.name))
-    onnx.save(model, str(path))
-    manifest = json.loads((root / MANIFEST).read_text())
-    manifest["files"] = {k: v.model_dump() for k, v in file_table(root).items()}
-    (root / MANIFEST).write_text(json.dumps(manifest))
+    root = perturbed_head(qwen_artifact, tmp_path / "art")
     assert check_cli.main([str(root), "--samples", "1", "--max-new-tokens", "2", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     failing = [g for g in report["graphs"] if not g["passed"]]
